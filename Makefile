@@ -1,0 +1,44 @@
+# `make run`: venv, install, embedded servers (unless URLs are set), migrate, seed, report.
+# `make test`: venv, install, the whole suite (embedded servers started by the suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint check bench dev-down clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,migrate]'
+	touch $@
+
+run: $(STAMP)
+	@set -e; \
+	if [ -z "$${TENANTDB_DATABASE_URL:-$$DATABASE_URL}" ] || [ -z "$${TENANTDB_REDIS_URL:-$$REDIS_URL}" ]; then \
+		eval "$$($(BIN)/tenantdb dev up)"; \
+	fi; \
+	$(BIN)/tenantdb migrate; \
+	$(BIN)/tenantdb seed seeds; \
+	$(BIN)/tenantdb report
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict tenantdb
+
+check: lint test
+
+bench: $(STAMP)
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+dev-down: $(STAMP)
+	$(BIN)/tenantdb dev down
+
+clean:
+	-$(BIN)/tenantdb dev down
+	rm -rf $(VENV) .tenantdb *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,150 @@
+"""The ``tenantdb`` command (also ``python -m tenantdb``).
+
+Subcommands call the public API; only :func:`main` prints errors (one line on stderr) and
+sets the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg2.extensions
+
+from . import embedded, migrate
+from .db import connect, database_url
+from .errors import TenantDBError
+from .settings import get_settings
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except (TenantDBError, ValueError) as exc:
+        print(f"tenantdb {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tenantdb",
+        description="tenantdb: migrations, seeds, reports and embedded servers for dev.",
+    )
+    sub = parser.add_subparsers(dest="command")
+
+    dev = sub.add_parser("dev", help="embedded PostgreSQL + Redis for development")
+    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.set_defaults(handler=_dev)
+
+    mig = sub.add_parser("migrate", help="apply (or list, or undo) schema migrations")
+    mode = mig.add_mutually_exclusive_group()
+    mode.add_argument("--info", action="store_true", help="list applied and pending versions")
+    mode.add_argument("--down-to", metavar="VERSION",
+                      help="undo versions newer than VERSION, newest first (0: all)")
+    mig.set_defaults(handler=_migrate)
+
+    seed = sub.add_parser("seed", help="load seed files (idempotent)")
+    seed.add_argument("path", nargs="?", default="seeds", help="a file or folder (./seeds)")
+    seed.set_defaults(handler=_seed)
+
+    report = sub.add_parser("report", help="per-org row counts")
+    report.set_defaults(handler=_report)
+
+    pgenv = sub.add_parser("pgenv", help="print PG* variables for psql and plain pyway")
+    pgenv.set_defaults(handler=_pgenv)
+    return parser
+
+
+def _dev(args: argparse.Namespace) -> int:
+    home = get_settings().home
+    if args.action == "up":
+        settings = get_settings()
+        if settings.database_url and settings.redis_url:
+            print("# TENANTDB_DATABASE_URL and TENANTDB_REDIS_URL are set: nothing to start")
+            return 0
+        urls = embedded.start(home)
+        # A URL the user set wins: print only what points at the embedded servers instead.
+        keep_db = settings.database_url is not None
+        for line in urls.exports():
+            if not (keep_db and ("DATABASE_URL" in line or line.startswith("export PG"))):
+                print(line)
+        return 0
+    servers = embedded.stop(home) if args.action == "down" else embedded.status(home)
+    verb = "stopped" if args.action == "down" else "running"
+    for server in servers:
+        state = f"{verb} (pid {server.pid})" if server.pid else "not running"
+        print(f"{server.name:<9} {state:<24} {server.path.resolve()}")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    if args.info:
+        for row in migrate.info():
+            when = row.applied_at.isoformat(" ", "seconds") if row.applied_at else ""
+            print(f"{row.version:<8} {row.state:<8} {when:<20} {row.name}")
+        return 0
+    if args.down_to is not None:
+        undone = migrate.down_to(args.down_to)
+        print("\n".join(f"undone  {name}" for name in undone) or "nothing to undo")
+        return 0
+    applied = migrate.migrate()
+    print("\n".join(f"applied {name}" for name in applied) or "schema is up to date")
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from .seeds import load_seeds
+
+    connect()
+    report = load_seeds(Path(args.path))
+    for table, counts in report.tables.items():
+        print(f"{table:<16} created {counts.created:>4}  already present {counts.present:>4}")
+    print(f"{'total':<16} created {report.created:>4}  already present {report.present:>4}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import org_summary
+
+    connect()
+    summaries = org_summary()
+    if not summaries:
+        print("no orgs yet: run `tenantdb seed`")
+        return 0
+    tables = list(summaries[0].counts)
+    print(f"{'org':<20} " + " ".join(f"{t:>15}" for t in tables))
+    for org in summaries:
+        print(f"{org.slug:<20} " + " ".join(f"{org.counts[t]:>15}" for t in tables))
+    return 0
+
+
+def _pgenv(args: argparse.Namespace) -> int:
+    url = database_url()
+    if urlsplit(url).scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"{url!r} is not a PostgreSQL URL")
+    params = psycopg2.extensions.parse_dsn(url)
+    # libpq's defaults, spelled out: the shipped .pyway.conf needs every variable set.
+    values = {
+        "PGHOST": params.get("host") or "localhost",
+        "PGPORT": params.get("port") or "5432",
+        "PGDATABASE": params.get("dbname") or "postgres",
+        "PGUSER": params.get("user") or getpass.getuser(),
+    }
+    for var, value in values.items():
+        print(f"export {var}='{value}'")
+    return 0

@@ -1,0 +1,42 @@
+"""A per-org summary of what the database holds (``tenantdb report``)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from peewee import fn
+
+from .models import TENANT_MODELS, Org
+from .tenancy import cross_org
+
+__all__ = ["OrgSummary", "org_summary"]
+
+
+@dataclass(frozen=True)
+class OrgSummary:
+    """One org and its row count in every tenant table."""
+
+    org_id: uuid.UUID
+    name: str
+    slug: str
+    counts: dict[str, int]
+
+
+def org_summary() -> list[OrgSummary]:
+    """Every org with its row counts per tenant table, ordered by name (one query per table)."""
+    with cross_org(reason="org summary report"):
+        per_table: dict[str, dict[uuid.UUID, int]] = {
+            model._meta.table_name: dict(
+                model.select(model.org_id, fn.COUNT(model.org_id))  # type: ignore[arg-type]
+                .group_by(model.org_id)
+                .tuples()
+            )
+            for model in TENANT_MODELS
+        }
+        orgs = list(Org.select().order_by(Org.name, Org.id))
+    return [
+        OrgSummary(org.id, org.name, org.slug,
+                   {table: counts.get(org.id, 0) for table, counts in per_table.items()})
+        for org in orgs
+    ]

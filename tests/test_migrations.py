@@ -1,0 +1,213 @@
+"""Migrations: additive, re-runnable, undoable, one runner at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from conftest import PYTHON, cli_env
+
+from tenantdb import migrate
+from tenantdb.errors import MigrationError
+from tenantdb.migrate import (
+    HISTORY_TABLE,
+    MIGRATIONS_DIR,
+    UNDO_DIR,
+    find_destructive_statements,
+    local_migrations,
+    parse_version,
+)
+
+RELEASED = json.loads((Path(__file__).parent / "released_migrations.json").read_text())
+
+SCHEMA_SNAPSHOT_SQL = {
+    "columns": """
+        SELECT table_name, column_name, data_type, udt_name, is_nullable, column_default
+        FROM information_schema.columns WHERE table_schema = 'public' AND table_name <> %s
+        ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+        WHERE schemaname = 'public' AND tablename <> %s ORDER BY 1, 2""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = 'public' AND c.conrelid::regclass::text <> %s ORDER BY 1, 2""",
+}
+
+
+def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        result = {}
+        for name, query in SCHEMA_SNAPSHOT_SQL.items():
+            cur.execute(query, (HISTORY_TABLE,))
+            result[name] = cur.fetchall()
+        return result
+
+
+def history(url: str) -> list[tuple[str, str]]:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT version, name FROM {HISTORY_TABLE} ORDER BY installed_rank")
+        return cur.fetchall()
+
+
+# -- the files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("migration", local_migrations(), ids=lambda m: m.name)
+def test_forward_migration_has_no_destructive_statement(migration: migrate.MigrationFile) -> None:
+    assert find_destructive_statements(migration.path.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("statement", "kind"),
+    [
+        ("DROP TABLE org;", "DROP TABLE"),
+        ("alter table org drop column slug;", "DROP COLUMN"),
+        ("ALTER TABLE org DROP CONSTRAINT org_slug_key;", "ALTER ... DROP"),
+        ("TRUNCATE itinerary;", "TRUNCATE"),
+        ("ALTER TABLE org RENAME TO tenant;", "RENAME"),
+        ("ALTER TABLE org ALTER COLUMN name TYPE varchar(10);", "type change"),
+    ],
+)
+def test_destructive_check_fires_on_each_kind(statement: str, kind: str) -> None:
+    assert kind in find_destructive_statements(f"CREATE TABLE x (a int);\n{statement}")
+
+
+def test_destructive_check_ignores_comments_and_strings() -> None:
+    script = """-- DROP TABLE org; (a comment)
+    /* TRUNCATE org */
+    COMMENT ON TABLE org IS 'never DROP TABLE this';
+    DO $$ BEGIN RAISE NOTICE 'RENAME'; END $$;
+    """
+    assert find_destructive_statements(script) == []
+
+
+def test_migration_file_names_are_valid_for_pyway() -> None:
+    names = sorted(p.name for p in MIGRATIONS_DIR.iterdir())
+    assert names and [m.name for m in local_migrations()] == names
+
+
+def test_invalid_file_name_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "V1__too_short.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match="V1__too_short.sql"):
+        local_migrations(tmp_path)
+
+
+def test_every_migration_has_an_undo_script() -> None:
+    assert [m.name for m in local_migrations()] == sorted(p.name for p in UNDO_DIR.iterdir())
+
+
+def test_released_migrations_are_unchanged() -> None:
+    current = {m.name: m.checksum for m in local_migrations()}
+    assert current == RELEASED, (
+        "a released migration was edited (or a new one is not recorded in "
+        "tests/released_migrations.json): add a new version instead of editing"
+    )
+
+
+def test_parse_version_normalises() -> None:
+    assert parse_version("1.1") == "01.01"
+    assert parse_version("01_02") == "01.02"
+    assert parse_version("0") == "0"
+    with pytest.raises(ValueError, match="not a migration version"):
+        parse_version("latest")
+
+
+# -- against PostgreSQL -------------------------------------------------------------------
+
+
+def test_migrate_twice_changes_nothing(empty_database_url: str) -> None:
+    assert migrate.migrate(empty_database_url) == [m.name for m in local_migrations()]
+    first = snapshot(empty_database_url)
+    assert migrate.migrate(empty_database_url) == []
+    assert snapshot(empty_database_url) == first
+    assert len(history(empty_database_url)) == len(local_migrations())
+
+
+def test_down_to_zero_then_up_gives_identical_schema(empty_database_url: str) -> None:
+    migrate.migrate(empty_database_url)
+    before = snapshot(empty_database_url)
+    assert before["columns"]
+
+    undone = migrate.down_to("0", empty_database_url)
+
+    assert undone == [m.name for m in reversed(local_migrations())]
+    assert snapshot(empty_database_url) == {"columns": [], "indexes": [], "constraints": []}
+    migrate.migrate(empty_database_url)
+    assert snapshot(empty_database_url) == before
+
+
+def test_info_lists_pending_then_applied(empty_database_url: str) -> None:
+    assert {row.state for row in migrate.info(empty_database_url)} == {"pending"}
+    migrate.migrate(empty_database_url)
+    assert {row.state for row in migrate.info(empty_database_url)} == {"applied"}
+
+
+def test_edited_applied_migration_fails_validation(empty_database_url: str) -> None:
+    migrate.migrate(empty_database_url)
+    with psycopg2.connect(empty_database_url) as conn, conn.cursor() as cur:
+        cur.execute(f"UPDATE {HISTORY_TABLE} SET checksum = 'DEADBEEF'")
+    assert {row.state for row in migrate.info(empty_database_url)} == {"changed"}
+    with pytest.raises(MigrationError, match="diff script"):
+        migrate.migrate(empty_database_url)
+
+
+def test_three_concurrent_migrate_commands_apply_each_version_once(
+    empty_database_url: str,
+) -> None:
+    env = cli_env(TENANTDB_DATABASE_URL=empty_database_url)
+    runners = [
+        subprocess.Popen([PYTHON, "-m", "tenantdb", "migrate"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [runner.communicate(timeout=120) for runner in runners]
+
+    assert [runner.returncode for runner in runners] == [0, 0, 0], outputs
+    applied_lines = [line for out, _ in outputs for line in out.splitlines()
+                     if line.startswith("applied")]
+    assert len(applied_lines) == len(local_migrations())
+    versions = [version for version, _ in history(empty_database_url)]
+    assert sorted(versions) == sorted(m.version for m in local_migrations())
+
+
+def test_cli_migrate_info_and_down_to(empty_database_url: str) -> None:
+    env = cli_env(TENANTDB_DATABASE_URL=empty_database_url)
+
+    def run(*args: str) -> str:
+        done = subprocess.run([PYTHON, "-m", "tenantdb", "migrate", *args], env=env,
+                              capture_output=True, text=True, timeout=120, check=True)
+        return done.stdout
+
+    assert "pending" in run("--info")
+    run()
+    assert "applied" in run("--info")
+    assert "undone" in run("--down-to", "0")
+    assert history_table_gone(empty_database_url)
+
+
+def history_table_gone(url: str) -> bool:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NULL", (HISTORY_TABLE,))
+        row = cur.fetchone()
+        return bool(row and row[0])
+
+
+def test_plain_pyway_migrate_from_repo_root_uses_the_shipped_conf(empty_database_url: str) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    env = cli_env(TENANTDB_DATABASE_URL=empty_database_url)
+    pgenv = subprocess.run([PYTHON, "-m", "tenantdb", "pgenv"], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    for line in pgenv.splitlines():
+        name, value = line.removeprefix("export ").split("=", 1)
+        env[name] = value.strip("'")
+
+    subprocess.run([PYTHON, "-m", "pyway.scripts.main", "migrate"], cwd=repo, env=env,
+                   capture_output=True, text=True, timeout=120, check=True)
+
+    assert [v for v, _ in history(empty_database_url)] == [m.version for m in local_migrations()]
+    assert migrate.migrate(empty_database_url) == []
