@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -27,10 +27,14 @@ __all__ = [
     "TenantModel",
     "cross_org",
     "cross_org_reason",
+    "execute_scoped",
     "require_org",
 ]
 
 OrgLike = uuid.UUID | str
+# Transaction-local (the third argument), so a pooled connection never carries an org into
+# the next transaction; sent in the same round trip as the statement it scopes.
+SET_ORG_SQL = "SELECT set_config('tenantdb.org_id', %s, true); "
 _M = TypeVar("_M", bound="TenantModel")
 
 log = logging.getLogger("tenantdb.tenancy")
@@ -80,6 +84,18 @@ def cross_org(reason: str) -> Iterator[None]:
 def cross_org_reason() -> str | None:
     """The reason of the :func:`cross_org` block in force in this context, if any."""
     return _cross_org.get()
+
+
+def execute_scoped(org_id: OrgLike, sql: str, params: Sequence[Any] = (), /) -> Any:
+    """Run raw ``sql`` (``%s`` placeholders) for one org; returns the DB-API cursor.
+
+    The org is set for the statement's transaction in the same round trip, which is what the
+    database's row-level security checks. Write the org predicate in ``sql`` as well.
+
+    :raises MissingOrgError: no org, or not a UUID.
+    """
+    org = require_org(org_id, "execute_scoped()")
+    return database.execute_sql(SET_ORG_SQL + sql, (str(org), *params))
 
 
 class BaseModel(peewee.Model):
