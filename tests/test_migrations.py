@@ -93,7 +93,7 @@ def test_migration_file_names_are_valid_for_pyway() -> None:
 
 def test_invalid_file_name_is_refused(tmp_path: Path) -> None:
     (tmp_path / "V1__too_short.sql").write_text("SELECT 1;")
-    with pytest.raises(MigrationError, match="V1__too_short.sql"):
+    with pytest.raises(MigrationError, match=r"V1__too_short\.sql"):
         local_migrations(tmp_path)
 
 

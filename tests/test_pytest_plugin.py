@@ -76,7 +76,7 @@ def test_other_threads_are_refused_during_tenant_db(tenant_db: TenantDatabase) -
     def other_thread() -> None:
         try:
             Org.select().count()
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:  # collected for the assertion below
             errors.append(exc)
 
     worker = threading.Thread(target=other_thread)

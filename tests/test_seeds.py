@@ -87,11 +87,13 @@ def test_seed_embedder_is_pluggable(tenant_db: TenantDatabase, tmp_path: Path) -
     ("mutate", "message"),
     [
         (lambda d: d.update(planet=[{}]), "unknown table 'planet'"),
-        (lambda d: d["destination"][0].update(colour="red"), r"destination\[0\]: unknown field 'colour'"),
+        (lambda d: d["destination"][0].update(colour="red"),
+         r"destination\[0\]: unknown field 'colour'"),
         (lambda d: d["embedding"][0].update(vector=[0.1] * 3), r"embedding\[0\]: vector=.*1536"),
         (lambda d: d["destination"][0].update(id="nope"), r"destination\[0\]: id='nope'"),
         (lambda d: d["destination"][0].pop("org_id"), r"destination\[0\]: 'org_id' is required"),
-        (lambda d: d["destination"][0].update(name=None), r"destination\[0\]: name may not be null"),
+        (lambda d: d["destination"][0].update(name=None),
+         r"destination\[0\]: name may not be null"),
         (lambda d: d["agent_run"][0].update(started_at="2026-05-01T09:00:00"), r"agent_run\[0\]"),
         (lambda d: d["itinerary"][0].update(agent_run_id=str(uuid.uuid4())),
          r"itinerary\[0\] \(org_id=.*, id=.*\): .*foreign key"),
@@ -138,7 +140,7 @@ def test_good_file_before_bad_file_stays_loaded(tenant_db: TenantDatabase,
     write(tmp_path, {"org": [good]}, "01-good.json")
     write(tmp_path, {"org": [{"id": "x"}]}, "02-bad.json")
 
-    with pytest.raises(SeedError, match="02-bad.json"):
+    with pytest.raises(SeedError, match=r"02-bad\.json"):
         load_seeds(tmp_path)
 
     assert Org.get_or_none(Org.id == good["id"]) is not None

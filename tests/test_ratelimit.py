@@ -1,0 +1,415 @@
+"""Rate limits against real Redis servers: a token bucket in one round trip, built on limits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from limits import RateLimitItemPerSecond
+from limits.storage import storage_from_string
+from redis.cluster import RedisCluster
+from redis_cluster import RedisServer, free_port, redis_cluster, redis_sentinel
+
+from tenantdb.errors import ConfigurationError
+from tenantdb.pytest_plugin import TestRedis
+from tenantdb.ratelimit import (
+    BucketSpec,
+    RateLimitResult,
+    TokenBucketRateLimiter,
+    check_rate_limit,
+    reset_rate_limit,
+)
+from tenantdb.settings import get_settings, override_settings
+
+# Five tokens refilled over one second: one every 200 ms keeps refill tests fast.
+FAST = BucketSpec("fast", limit=5, period_s=1)
+TIMEOUT_S = 0.2
+SLACK_S = 0.05
+
+
+@pytest.fixture
+def user() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, to kill or freeze; checks give up after TIMEOUT_S."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        with override_settings(redis_url=server.url, redis_socket_timeout_s=TIMEOUT_S):
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """A 3-master cluster on loopback ports for this module (~4 s to form)."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def cluster_url(cluster_nodes: list[RedisServer]) -> Iterator[str]:
+    """The cluster's URL, in Settings with a fresh key prefix."""
+    url = f"redis+cluster://127.0.0.1:{cluster_nodes[0].port}"
+    with override_settings(redis_url=url, redis_key_prefix=f"cl-{uuid.uuid4().hex[:8]}"):
+        yield url
+
+
+def _burst(user_id: str, bucket: str | BucketSpec, count: int) -> list[RateLimitResult]:
+    return [check_rate_limit(user_id, bucket) for _ in range(count)]
+
+
+def _race(user_id: str, bucket: str, threads: int) -> list[RateLimitResult]:
+    barrier = threading.Barrier(threads)
+    results: list[RateLimitResult] = []
+
+    def check() -> None:
+        barrier.wait()
+        results.append(check_rate_limit(user_id, bucket))
+
+    workers = [threading.Thread(target=check) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def _cluster_key(user_id: str) -> str:
+    return f"{get_settings().redis_key_prefix}:rl:{{{user_id}}}:agent"
+
+
+def _cluster_client(url: str) -> RedisCluster:
+    return RedisCluster.from_url(url.replace("redis+cluster://", "redis://"))
+
+
+def _pttl(client: redis.Redis, key: str) -> int:
+    return int(client.pttl(key))  # type: ignore[arg-type]
+
+
+def _command_calls(client: redis.Redis) -> dict[str, int]:
+    stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
+    return {name: int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info"}
+
+
+# SEMANTICS
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_agent_burst_counts_down_then_denies_with_retry_after(user: str) -> None:
+    results = _burst(user, "agent", 6)
+    assert [r.allowed for r in results] == [True] * 5 + [False]
+    assert [r.remaining for r in results[:5]] == [4, 3, 2, 1, 0]
+    denied = results[5]
+    assert denied.retry_after_seconds is not None
+    assert 0 < denied.retry_after_seconds <= 12
+    assert (denied.remaining, denied.limit, denied.degraded) == (0, 5, False)
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_agent_limit_follows_settings(user: str) -> None:
+    with override_settings(rate_limit_agent_per_minute=2):
+        assert [r.allowed for r in _burst(user, "agent", 3)] == [True, True, False]
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_crud_allows_sixty_then_denies(user: str) -> None:
+    results = _burst(user, "crud", 61)
+    assert all(r.allowed for r in results[:60])
+    assert not results[60].allowed
+    assert results[60].retry_after_seconds == 1
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_refill_allows_again_after_retry_after(user: str) -> None:
+    denied = _burst(user, FAST, 6)[-1]
+    assert not denied.allowed
+    assert denied.retry_after_seconds == 1
+    time.sleep(denied.retry_after_seconds)
+    assert check_rate_limit(user, FAST).allowed
+
+
+def test_refill_is_continuous_one_token_per_interval(tenantdb_redis: TestRedis, user: str) -> None:
+    limiter = TokenBucketRateLimiter(storage_from_string(tenantdb_redis.url))
+    item = RateLimitItemPerSecond(5, 1)
+    assert all(limiter.hit(item, tenantdb_redis.prefix, user) for _ in range(5))
+    denied = limiter.acquire(item, tenantdb_redis.prefix, user)
+    assert denied.retry_after is not None
+    assert 0 < denied.retry_after <= 0.2
+    time.sleep(denied.retry_after + 0.01)
+    # One token came back, not the whole bucket.
+    assert limiter.acquire(item, tenantdb_redis.prefix, user).allowed
+    assert not limiter.acquire(item, tenantdb_redis.prefix, user).allowed
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_denied_checks_consume_nothing(user: str) -> None:
+    assert all(r.allowed for r in _burst(user, FAST, 5))
+    hammered = _burst(user, FAST, 50)
+    assert not any(r.allowed for r in hammered)
+    # 250 ms is enough for one token only if the 50 denials took none.
+    time.sleep(0.25)
+    assert check_rate_limit(user, FAST).allowed
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_users_and_buckets_are_independent(user: str) -> None:
+    _burst(user, "agent", 5)
+    assert not check_rate_limit(user, "agent").allowed
+    assert check_rate_limit(user, "crud").remaining == 59
+    assert check_rate_limit(str(uuid.uuid4()), "agent").remaining == 4
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_limit_per_minute_overrides_bucket_limit(user: str) -> None:
+    results = [check_rate_limit(user, "agent", limit_per_minute=2) for _ in range(3)]
+    assert [r.allowed for r in results] == [True, True, False]
+    assert results[2].retry_after_seconds == 30
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_concurrent_checks_allow_exactly_the_limit(user: str) -> None:
+    check_rate_limit(str(uuid.uuid4()), "agent")  # build the cached client before the race
+    results = _race(user, "agent", 20)
+    assert sum(r.allowed for r in results) == 5
+    assert sorted(r.remaining or 0 for r in results if r.allowed) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_client_clock_shift_changes_no_decision(
+    user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _burst(user, "agent", 5)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 30)
+    # 30 s on the application's clock would refill 2.5 tokens; Redis's clock did not move.
+    denied = check_rate_limit(user, "agent")
+    assert not denied.allowed
+    assert denied.retry_after_seconds is not None
+    assert denied.retry_after_seconds <= 12
+
+
+def test_check_sends_exactly_one_redis_command(tenantdb_redis: TestRedis, user: str) -> None:
+    check_rate_limit(user, "crud")  # first use may connect and load the script
+    before = _command_calls(tenantdb_redis.client)
+    for _ in range(10):
+        check_rate_limit(user, "crud")
+    after = _command_calls(tenantdb_redis.client)
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    # commandstats also counts the calls a script makes: TIME, GET and SET are the
+    # script's own; anything else (a PING, a second GET) would be an extra round trip.
+    script = {"cmdstat_time": 10, "cmdstat_get": 10, "cmdstat_set": 10}
+    assert {name: n for name, n in delta.items() if n} == {"cmdstat_evalsha": 10, **script}
+
+
+def test_script_reloads_after_script_flush(tenantdb_redis: TestRedis, user: str) -> None:
+    check_rate_limit(user, "agent")
+    tenantdb_redis.client.script_flush()
+    result = check_rate_limit(user, "agent")
+    assert (result.allowed, result.remaining, result.degraded) == (True, 3, False)
+
+
+def test_key_is_hash_tagged_with_ttl_of_one_refill(tenantdb_redis: TestRedis, user: str) -> None:
+    check_rate_limit(user, "agent")
+    key = f"{tenantdb_redis.prefix}:rl:{{{user}}}:agent"
+    assert tenantdb_redis.client.exists(key)
+    # One token spent refills in 12 s; a full refill is 60 s.
+    assert 11_000 < _pttl(tenantdb_redis.client, key) <= 12_000
+    _burst(user, "agent", 5)
+    assert _pttl(tenantdb_redis.client, key) <= 60_000
+
+
+def test_reset_rate_limit_refills_bucket(tenantdb_redis: TestRedis, user: str) -> None:
+    _burst(user, "agent", 5)
+    assert reset_rate_limit(user, "agent") is True
+    assert check_rate_limit(user, "agent").remaining == 4
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_moving_window_bucket_uses_limits_strategy(user: str) -> None:
+    spec = BucketSpec("window", limit=3, strategy="moving-window")
+    results = _burst(user, spec, 4)
+    assert [r.remaining for r in results[:3]] == [2, 1, 0]
+    assert not results[3].allowed
+    assert results[3].retry_after_seconds is not None
+    assert 0 < results[3].retry_after_seconds <= 60
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_switching_strategy_keeps_keys_apart(user: str) -> None:
+    # limits' fixed and moving windows share key names; a live switch would hit WRONGTYPE.
+    for strategy in ("fixed-window", "moving-window", "sliding-window-counter", "token-bucket"):
+        result = check_rate_limit(user, BucketSpec("switch", limit=3, strategy=strategy))
+        assert (result.allowed, result.remaining, result.degraded) == (True, 2, False)
+
+
+def test_limiter_test_and_window_stats_take_no_token(
+    tenantdb_redis: TestRedis, user: str
+) -> None:
+    limiter = TokenBucketRateLimiter(storage_from_string(tenantdb_redis.url))
+    item = RateLimitItemPerSecond(2, 60)
+    assert limiter.test(item, user)
+    assert limiter.get_window_stats(item, user).remaining == 2
+    assert limiter.hit(item, user, cost=2)
+    assert not limiter.test(item, user)
+    stats = limiter.get_window_stats(item, user)
+    assert stats.remaining == 0
+    redis_now: tuple[int, int] = tenantdb_redis.client.time()  # type: ignore[assignment]
+    assert 59 < stats.reset_time - redis_now[0] <= 61
+    limiter.clear(item, user)
+    assert limiter.get_window_stats(item, user).remaining == 2
+
+
+# ARGUMENT CHECKS (before any Redis call: no URL is configured here)
+
+
+@pytest.mark.parametrize(
+    ("bucket", "limit"),
+    [("nope", None), ("agent", 0), ("agent", -5), ("", None)],
+)
+def test_bad_bucket_or_limit_raises_value_error(bucket: str, limit: int | None) -> None:
+    with override_settings(redis_url=None), pytest.raises(ValueError, match=r"bucket|limit"):
+        check_rate_limit("u", bucket, limit_per_minute=limit)
+
+
+@pytest.mark.parametrize("user_id", ["", "a{b", "a}b"])
+def test_bad_user_id_raises_value_error(user_id: str) -> None:
+    with override_settings(redis_url=None), pytest.raises(ValueError, match="user_id"):
+        check_rate_limit(user_id, "agent")
+
+
+def test_missing_redis_url_raises_configuration_error() -> None:
+    with override_settings(redis_url=None), pytest.raises(ConfigurationError, match="REDIS_URL"):
+        check_rate_limit("u", "agent")
+
+
+def test_unknown_strategy_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="strategy"):
+        BucketSpec("x", 1, strategy="leaky")
+
+
+def test_token_bucket_on_memory_storage_raises_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="Redis storage"):
+        TokenBucketRateLimiter(storage_from_string("memory://"))
+
+
+# FAILURE MODES
+
+
+def _timed_check(user_id: str, bucket: str) -> tuple[RateLimitResult, float]:
+    started = time.monotonic()
+    result = check_rate_limit(user_id, bucket)
+    return result, time.monotonic() - started
+
+
+def test_killed_redis_fails_in_bucket_mode_then_recovers(
+    dedicated_redis: RedisServer, user: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert not check_rate_limit(user, "agent").degraded
+    dedicated_redis.stop()
+    with caplog.at_level(logging.DEBUG, logger="tenantdb.ratelimit"):
+        agent, agent_s = _timed_check(user, "agent")
+        crud, crud_s = _timed_check(user, "crud")
+    assert agent == RateLimitResult(False, 5, None, None, degraded=True)
+    assert crud == RateLimitResult(True, 60, None, None, degraded=True)
+    assert max(agent_s, crud_s) <= TIMEOUT_S + SLACK_S
+    levels = [r.levelno for r in caplog.records if r.name == "tenantdb.ratelimit"]
+    assert levels == [logging.WARNING, logging.DEBUG]
+    dedicated_redis.start()
+    recovered = check_rate_limit(user, "agent")
+    assert (recovered.allowed, recovered.remaining, recovered.degraded) == (True, 4, False)
+
+
+def test_hung_redis_returns_within_timeout_then_recovers(
+    dedicated_redis: RedisServer, user: str
+) -> None:
+    assert not check_rate_limit(user, "crud").degraded
+    dedicated_redis.pause()
+    try:
+        agent, agent_s = _timed_check(user, "agent")
+        crud, crud_s = _timed_check(user, "crud")
+    finally:
+        dedicated_redis.resume()
+    assert (agent.allowed, agent.degraded, crud.allowed, crud.degraded) == (False, True, True, True)
+    assert max(agent_s, crud_s) <= TIMEOUT_S + SLACK_S
+    recovered = check_rate_limit(user, "crud")
+    assert recovered.degraded is False
+    assert recovered.allowed
+
+
+def test_unreachable_cluster_fails_in_bucket_mode(user: str) -> None:
+    url = f"redis+cluster://127.0.0.1:{free_port()}"
+    with override_settings(redis_url=url, redis_socket_timeout_s=TIMEOUT_S):
+        result, elapsed = _timed_check(user, "agent")
+    assert (result.allowed, result.degraded) == (False, True)
+    assert elapsed <= TIMEOUT_S + SLACK_S
+
+
+# CLUSTER AND SENTINEL
+
+
+def test_cluster_burst_and_independence(cluster_url: str) -> None:
+    users = [str(uuid.uuid4()) for _ in range(6)]
+    for user_id in users:
+        results = _burst(user_id, "agent", 6)
+        assert [r.remaining for r in results] == [4, 3, 2, 1, 0, 0]
+        assert [r.allowed for r in results] == [True] * 5 + [False]
+    # The keys exist under their hash tags, spread over more than one master.
+    keys = [_cluster_key(u) for u in users]
+    with _cluster_client(cluster_url) as cluster:
+        assert all(cluster.exists(key) for key in keys)
+        assert len({cluster.get_node_from_key(key).name for key in keys}) > 1
+
+
+def test_cluster_concurrent_checks_allow_exactly_the_limit(cluster_url: str, user: str) -> None:
+    check_rate_limit(str(uuid.uuid4()), "agent")
+    assert sum(r.allowed for r in _race(user, "agent", 20)) == 5
+
+
+@pytest.mark.usefixtures("cluster_url")
+@pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter", "fixed-window"])
+def test_cluster_runs_limits_strategies(strategy: str, user: str) -> None:
+    spec = BucketSpec("w", limit=2, strategy=strategy)
+    assert [r.allowed for r in _burst(user, spec, 3)] == [True, True, False]
+
+
+def test_cluster_hung_master_degrades_only_its_users(
+    cluster_nodes: list[RedisServer], cluster_url: str
+) -> None:
+    users = [str(uuid.uuid4()) for _ in range(12)]
+    with _cluster_client(cluster_url) as cluster:
+        ports = {u: cluster.get_node_from_key(_cluster_key(u)).port for u in users}
+    victim = cluster_nodes[1]
+    on_victim = [u for u in users if ports[u] == victim.port]
+    elsewhere = [u for u in users if ports[u] != victim.port]
+    assert on_victim and elsewhere
+    with override_settings(redis_socket_timeout_s=TIMEOUT_S):
+        for u in users:
+            check_rate_limit(u, "agent")
+        victim.pause()
+        try:
+            hung, hung_s = _timed_check(on_victim[0], "agent")
+            fine = check_rate_limit(elsewhere[0], "agent")
+        finally:
+            victim.resume()
+        recovered = check_rate_limit(on_victim[0], "agent")
+    assert (hung.allowed, hung.degraded, fine.remaining, fine.degraded) == (False, True, 3, False)
+    assert hung_s <= TIMEOUT_S + SLACK_S
+    assert (recovered.degraded, recovered.allowed) == (False, True)
+
+
+def test_sentinel_burst_then_denies(tmp_path: Path, user: str) -> None:
+    with redis_sentinel(tmp_path) as (_master, url), override_settings(redis_url=url):
+        results = _burst(user, "agent", 6)
+    assert [r.allowed for r in results] == [True] * 5 + [False]
+    assert get_settings().redis_url != url
