@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("path", nargs="?", default="seeds", help="a file or folder (./seeds)")
     seed.set_defaults(handler=_seed)
 
+    check = sub.add_parser("check", help="lint the schema against the tenancy rules")
+    check.set_defaults(handler=_check)
+
     report = sub.add_parser("report", help="per-org row counts")
     report.set_defaults(handler=_report)
 
@@ -115,6 +118,19 @@ def _seed(args: argparse.Namespace) -> int:
     for table, counts in report.tables.items():
         print(f"{table:<16} created {counts.created:>4}  already present {counts.present:>4}")
     print(f"{'total':<16} created {report.created:>4}  already present {report.present:>4}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_schema
+
+    violations = check_schema()
+    for violation in violations:
+        print(violation)
+    if violations:
+        print(f"{len(violations)} violation(s)", file=sys.stderr)
+        return 1
+    print("schema ok: tenant tables, keys, row-level security and roles follow the rules")
     return 0
 
 

@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg2
+from peewee import BaseQuery, RawQuery
 from playhouse.db_url import parse as parse_db_url
 from playhouse.postgres_ext import PooledPostgresqlExtDatabase
 
-from .errors import ConfigurationError
+from .context import cross_org_reason
+from .errors import ConfigurationError, UnscopedQueryError
 from .settings import Settings, get_settings
+from .verifier import Verdict, mentions_tenant_table, verify
 
-__all__ = ["TenantDatabase", "close", "connect", "database", "database_url", "is_connected"]
+__all__ = [
+    "ADMIN_ROLE",
+    "APP_ROLE",
+    "TenantDatabase",
+    "close",
+    "connect",
+    "database",
+    "database_url",
+    "is_connected",
+]
+
+#: The role the library works as (no superuser, no BYPASSRLS: row-level security holds).
+APP_ROLE = "tenantdb_app"
+#: The role cross_org() statements take, for their transaction only.
+ADMIN_ROLE = "tenantdb_admin"
+# Sent in the same round trip as the statement; the third argument makes both settings
+# transaction-local. The role is restated because a cross_org statement earlier in the same
+# transaction may have switched it.
+SCOPE_PREFIX_SQL = (
+    "SELECT set_config('role', %s, true), set_config('tenantdb.org_id', %s, true); "
+)
+ROLE_PREFIX_SQL = "SELECT set_config('role', %s, true); "
+# Nothing may precede these: in an aborted transaction only they run.
+_TRANSACTION_CONTROL = re.compile(
+    r"\s*(ROLLBACK|COMMIT|END|ABORT|SAVEPOINT|RELEASE|BEGIN|START)\b", re.IGNORECASE)
 
 _SCHEMES = ("postgres", "postgresql")
 NOT_CONFIGURED = (
@@ -22,18 +52,80 @@ NOT_CONFIGURED = (
 
 
 class TenantDatabase(PooledPostgresqlExtDatabase):  # type: ignore[misc]
-    """A pooled PostgreSQL database that can refuse access while a guard says so.
+    """A pooled PostgreSQL database that verifies every statement's org before it runs.
 
-    The guard exists for the pytest plugin: outside its fixtures a test gets a clear error
-    instead of writing to the shared session database.
+    Each query object is checked by :func:`tenantdb.verifier.verify`; the statement is then
+    sent in the same round trip as a transaction-local ``set_config`` of the org (what
+    row-level security checks) and of the role: the application role for scoped work, the
+    bypass role inside :func:`~tenantdb.context.cross_org`. Nothing is set for the session,
+    so a pooled connection never carries an org or a role into its next transaction.
     """
 
+    #: The pytest plugin's guard: outside its fixtures a test gets a clear error.
     access_guard: Callable[[], None] | None = None
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         if self.access_guard is not None:
             self.access_guard()
         return super().cursor(*args, **kwargs)
+
+    def execute(self, query: Any, **context_options: Any) -> Any:
+        """Verify ``query``'s org scope, then run it with the org set for its transaction.
+
+        :raises UnscopedQueryError: a tenant table without its org predicate.
+        :raises CrossOrgError: several orgs in one statement.
+        """
+        ctx = self.get_sql_context(**context_options)
+        sql, params = ctx.sql(query).query()
+        if cross_org_reason() or getattr(query, "_tenantdb_cross_org", None):
+            return self._run(sql, params, admin=True)
+        verdict = _statement_verdict(query, sql)
+        return self._run(sql, params, org=verdict.org, admin=verdict.cross)
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        """Run raw SQL; SQL naming a tenant table is refused outside ``cross_org``.
+
+        :raises UnscopedQueryError: the text names a tenant table (use ``execute_scoped``).
+        """
+        if cross_org_reason() is not None:
+            return self._run(sql, params, admin=mentions_tenant_table(sql) is not None)
+        table = mentions_tenant_table(sql)
+        if table is not None:
+            raise UnscopedQueryError(
+                f"execute_sql() cannot verify raw SQL on {table}: use "
+                "execute_scoped(org_id, sql, params) or cross_org(reason)"
+            )
+        return self._run(sql, params)
+
+    def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None) -> Any:
+        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds)."""
+        return self._run(sql, params, org=org)
+
+    def _run(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
+             admin: bool = False) -> Any:
+        state = self._state.__dict__
+        if admin:
+            sql, params = ROLE_PREFIX_SQL + sql, (ADMIN_ROLE, *(params or ()))
+            # SET LOCAL lasts until the transaction ends: remember to take the role back.
+            state["tenantdb_admin_role"] = self.in_transaction()
+        elif org is not None:
+            sql, params = SCOPE_PREFIX_SQL + sql, (APP_ROLE, str(org), *(params or ()))
+            state["tenantdb_admin_role"] = False
+        elif state.get("tenantdb_admin_role") and not _TRANSACTION_CONTROL.match(sql):
+            sql, params = ROLE_PREFIX_SQL + sql, (APP_ROLE, *(params or ()))
+            state["tenantdb_admin_role"] = False
+        return super().execute_sql(sql, params)
+
+    def _connect(self) -> Any:
+        try:
+            return super()._connect()
+        except psycopg2.OperationalError as exc:
+            if 'parameter "role"' in str(exc):
+                raise ConfigurationError(
+                    f"the login cannot take the application role {APP_ROLE}: run `tenantdb "
+                    f"migrate` (it creates the role) and grant {APP_ROLE} to the login"
+                ) from exc
+            raise
 
 
 database = TenantDatabase(None)
@@ -55,11 +147,13 @@ def database_url(settings: Settings | None = None) -> str:
     return urls.database_url
 
 
-def connect(url: str | None = None, /) -> TenantDatabase:
+def connect(url: str | None = None, /, *, role: str | None = APP_ROLE) -> TenantDatabase:
     """Bind :data:`database` to ``url`` (default: :func:`database_url`) and return it.
 
     Connections are opened lazily and pooled (``TENANTDB_POOL_SIZE``); every session runs
-    with ``statement_timeout`` from Settings.
+    with ``statement_timeout`` from Settings, as ``role``: by default the application role,
+    which row-level security binds (the login stays the owner that migrates). ``None``
+    keeps the login's own role.
 
     :raises ConfigurationError: no URL anywhere, or a URL that is not PostgreSQL.
     """
@@ -77,7 +171,9 @@ def connect(url: str | None = None, /) -> TenantDatabase:
         max_connections=settings.pool_size,
         timeout=settings.pool_timeout_s,
         connect_timeout=settings.connect_timeout_s,
-        options=f"-c statement_timeout={settings.statement_timeout_ms}",
+        # Startup options cost no round trip, unlike a SET on every pooled checkout.
+        options=f"-c statement_timeout={settings.statement_timeout_ms}"
+        + (f" -c role={role}" if role else ""),
         **kwargs,
     )
     return database
@@ -92,3 +188,17 @@ def close() -> None:
     """Close every pooled connection (idle and, in this thread, in use)."""
     if not database.deferred:
         database.close_all()
+
+
+def _statement_verdict(query: Any, sql: str) -> Verdict:
+    """What ``query`` touches and the org it is pinned to, or refuse."""
+    trusted = getattr(query, "_tenantdb_org", None)
+    if isinstance(query, RawQuery) and trusted is not None:
+        return Verdict(True, trusted)  # Model.raw(org_id=...): row-level security holds it
+    if isinstance(query, BaseQuery):
+        return verify(query)
+    table = mentions_tenant_table(sql)
+    if table is not None:
+        raise UnscopedQueryError(f"cannot verify a {type(query).__name__} on {table}: "
+                                 "use cross_org(reason)")
+    return Verdict(False, None)

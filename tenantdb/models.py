@@ -1,8 +1,9 @@
 """The schema's models. They mirror ``tenantdb/migrations`` and never create tables.
 
 ``tests/test_models.py`` compares them with the migrated schema, so the two cannot drift.
-Foreign keys between tenant tables are plain ``*_id`` columns: the database holds them as
-composite ``(org_id, x_id)`` keys, which Peewee's ``ForeignKeyField`` cannot express.
+Relations are :class:`~tenantdb.tenancy.TenantForeignKey` columns (``itinerary.user_id``,
+with ``itinerary.user`` and ``user.itineraries``): the database holds them as composite
+``(org_id, x_id)`` keys, which Peewee's ``ForeignKeyField`` cannot express.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from peewee import BooleanField, CompositeKey, DateField, IntegerField, TextFiel
 from pgvector.peewee import VectorField
 from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField
 
-from .tenancy import BaseModel, TenantModel
+from .tenancy import BaseModel, TenantForeignKey, TenantModel
 
 __all__ = [
     "ALL_MODELS",
@@ -65,6 +66,7 @@ class Org(_Timestamped, BaseModel):
 class TenantRowModel(_Timestamped, TenantModel):
     """A tenant table keyed ``(org_id, id)``: two orgs may hold rows with the same ``id``."""
 
+    _tenantdb_abstract = True
     id = UUIDField(default=uuid.uuid4)
 
     class Meta:
@@ -85,7 +87,7 @@ class User(TenantRowModel):
 
 
 class RefreshToken(TenantRowModel):
-    user_id = UUIDField()
+    user_id = TenantForeignKey(User, backref="refresh_tokens")
     token_hash = TextField()
     expires_at = DateTimeTZField()
     revoked_at = DateTimeTZField(null=True)
@@ -102,7 +104,7 @@ class Destination(TenantRowModel):
 
 
 class KnowledgeItem(TenantRowModel):
-    destination_id = UUIDField(null=True)
+    destination_id = TenantForeignKey(Destination, backref="knowledge_items", null=True)
     title = TextField()
     content = TextField()
     source_url = TextField(null=True)
@@ -112,7 +114,7 @@ class KnowledgeItem(TenantRowModel):
 
 
 class Embedding(TenantRowModel):
-    knowledge_item_id = UUIDField()
+    knowledge_item_id = TenantForeignKey(KnowledgeItem, backref="embeddings")
     chunk_index = IntegerField(default=0)
     content = TextField()
     vector = VectorField(EMBEDDING_DIMENSIONS)
@@ -121,7 +123,7 @@ class Embedding(TenantRowModel):
 
 
 class AgentRun(TenantRowModel):
-    user_id = UUIDField()
+    user_id = TenantForeignKey(User, backref="agent_runs")
     status = TextField(default="queued")
     intent = BinaryJSONField(default=dict)
     plan_snapshot = BinaryJSONField(null=True)
@@ -134,9 +136,9 @@ class AgentRun(TenantRowModel):
 
 
 class Itinerary(TenantRowModel):
-    user_id = UUIDField()
-    agent_run_id = UUIDField(null=True)
-    destination_id = UUIDField(null=True)
+    user_id = TenantForeignKey(User, backref="itineraries")
+    agent_run_id = TenantForeignKey(AgentRun, backref="itineraries", null=True)
+    destination_id = TenantForeignKey(Destination, backref="itineraries", null=True)
     title = TextField()
     status = TextField(default="draft")
     data = BinaryJSONField(default=dict)
@@ -149,7 +151,7 @@ class Itinerary(TenantRowModel):
 class IdempotencyKey(_Timestamped, TenantModel):
     """An idempotency key, unique per (org, user): never global (see DESIGN.md)."""
 
-    user_id = UUIDField()
+    user_id = TenantForeignKey(User, backref="idempotency_keys")
     key = TextField()
     status = TextField(default="pending")
     body_hash = TextField()

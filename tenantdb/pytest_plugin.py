@@ -31,6 +31,7 @@ import redis
 from psycopg2 import sql
 
 from . import db, embedded, migrate
+from .idempotency import allow_claims_in_transaction
 from .models import Org
 from .redis_client import redis_client
 from .settings import get_settings, override_settings
@@ -129,8 +130,9 @@ def tenantdb_database(_tenantdb_servers: _Servers) -> Iterator[TestDatabase]:
 def tenant_db(tenantdb_database: TestDatabase) -> Iterator[db.TenantDatabase]:
     """Function scope: the test runs inside one transaction, rolled back at its end.
 
-    Code under test may open its own (nested) ``atomic()`` blocks: they become savepoints.
-    Only the test's own thread may use the database; for threads use ``tenantdb_committed``.
+    Code under test may open its own (nested) ``atomic()`` blocks: they become savepoints,
+    and idempotency claims are allowed inside the transaction. Only the test's own thread may
+    use the database; for threads use ``tenantdb_committed``.
     """
     access = _guard()
     access.thread = threading.get_ident()
@@ -139,7 +141,9 @@ def tenant_db(tenantdb_database: TestDatabase) -> Iterator[db.TenantDatabase]:
     outer = database.transaction()
     outer.__enter__()
     try:
-        yield database
+        # Claims inside the test's transaction are what the test wants to exercise.
+        with allow_claims_in_transaction():
+            yield database
     finally:
         # Leaving the outermost transaction with an exception is peewee's rollback path.
         outer.__exit__(_RollbackSignal, _RollbackSignal(), None)

@@ -28,7 +28,7 @@ def org_summary() -> list[OrgSummary]:
     with cross_org(reason="org summary report"):
         per_table: dict[str, dict[uuid.UUID, int]] = {
             model._meta.table_name: dict(
-                model.select(model.org_id, fn.COUNT(model.org_id))  # type: ignore[arg-type]
+                model.select(model.org_id, fn.COUNT(model.org_id))
                 .group_by(model.org_id)
                 .tuples()
             )

@@ -1,101 +1,61 @@
-"""Tenant scoping: every read and write of a tenant table names its org.
+"""Tenant scoping of models: every Peewee entry point of a tenant table names its org.
 
-:class:`TenantModel` is the base of every tenant table's model. Its entry points take the
-org explicitly (``Destination.select(org_id=org)``); without one they raise
-:class:`~tenantdb.errors.MissingOrgError` instead of running unscoped. :func:`cross_org` is
-the one explicit, logged way to work across orgs (admin jobs: retention, seeds, reports).
+:class:`TenantModel` is the base of every tenant table's model. Reads and writes take the
+org explicitly (``Destination.select(org_id=org)``, ``Destination.update({...}, org_id=org)``)
+and raise :class:`~tenantdb.errors.MissingOrgError` without one, instead of running
+unscoped. Joins from a scoped query are constrained to the same org, relations
+(:class:`TenantForeignKey`) resolve within the instance's own org, and a loaded row's
+``org_id`` cannot change. Whatever slips past these conveniences meets the execute-time
+verifier (:mod:`tenantdb.verifier`) and then row-level security in the database.
 """
 
 from __future__ import annotations
 
-import contextvars
-import logging
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import peewee
-from peewee import ModelSelect, UUIDField
+from peewee import JOIN, Case, ModelBase, ModelSelect, UUIDField, Value, chunked
 
+from .context import OrgLike, cross_org, cross_org_reason, require_org
 from .db import database
-from .errors import MissingOrgError
+from .errors import CrossOrgError, MissingOrgError
+from .verifier import ORG_COLUMN, register_tenant_table, verify
 
 __all__ = [
     "BaseModel",
     "OrgLike",
+    "TenantForeignKey",
     "TenantModel",
+    "TenantSelect",
     "cross_org",
     "cross_org_reason",
     "execute_scoped",
+    "prefetch",
     "require_org",
 ]
 
-OrgLike = uuid.UUID | str
-# Transaction-local (the third argument), so a pooled connection never carries an org into
-# the next transaction; sent in the same round trip as the statement it scopes.
-SET_ORG_SQL = "SELECT set_config('tenantdb.org_id', %s, true); "
 _M = TypeVar("_M", bound="TenantModel")
 
-log = logging.getLogger("tenantdb.tenancy")
-_cross_org: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "tenantdb_cross_org", default=None
-)
-
-
-def require_org(org_id: object, where: str) -> uuid.UUID:
-    """Return ``org_id`` as a UUID, or refuse: tenant work never runs without a real org.
-
-    :param where: what needs the org, for the message (``"Destination.select()"``).
-    :raises MissingOrgError: ``None``, ``""``, ``0``, or anything that is not a UUID.
-    """
-    if isinstance(org_id, uuid.UUID):
-        return org_id
-    if isinstance(org_id, str) and org_id:
-        try:
-            return uuid.UUID(org_id)
-        except ValueError:
-            raise MissingOrgError(f"{where}: org_id={org_id!r} is not a UUID") from None
-    raise MissingOrgError(
-        f"{where} needs org_id=...: pass the org, or use cross_org(reason) for admin work"
-        + ("" if org_id is None else f" (got {org_id!r})")
-    )
-
-
-@contextmanager
-def cross_org(reason: str) -> Iterator[None]:
-    """Allow unscoped access to tenant tables inside the block, for this context only.
-
-    Context-local (a contextvar, so other threads and asyncio tasks are unaffected) and
-    logged with its reason.
-
-    :raises ValueError: an empty reason.
-    """
-    if not isinstance(reason, str) or not reason.strip():
-        raise ValueError("cross_org() needs a reason, e.g. cross_org(reason='retention purge')")
-    log.info("cross_org entered: %s", reason)
-    token = _cross_org.set(reason)
-    try:
-        yield
-    finally:
-        _cross_org.reset(token)
-
-
-def cross_org_reason() -> str | None:
-    """The reason of the :func:`cross_org` block in force in this context, if any."""
-    return _cross_org.get()
+if TYPE_CHECKING:  # generic in peewee's stubs only
+    _ModelSelect = ModelSelect[Any]
+else:
+    _ModelSelect = ModelSelect
 
 
 def execute_scoped(org_id: OrgLike, sql: str, params: Sequence[Any] = (), /) -> Any:
     """Run raw ``sql`` (``%s`` placeholders) for one org; returns the DB-API cursor.
 
-    The org is set for the statement's transaction in the same round trip, which is what the
-    database's row-level security checks. Write the org predicate in ``sql`` as well.
+    The org is set for the statement's transaction in the same round trip, which is what
+    row-level security checks: rows of other orgs stay invisible even if ``sql`` forgets
+    its ``org_id`` predicate (write it anyway: it lets indexes work).
 
     :raises MissingOrgError: no org, or not a UUID.
     """
     org = require_org(org_id, "execute_scoped()")
-    return database.execute_sql(SET_ORG_SQL + sql, (str(org), *params))
+    return database.execute_scoped_sql(org, sql, tuple(params))
 
 
 class BaseModel(peewee.Model):
@@ -106,22 +66,137 @@ class BaseModel(peewee.Model):
         legacy_table_names = False
 
 
-class TenantModel(BaseModel):
-    """Base of every tenant table: rows belong to one org, and every entry point names it."""
+# -- the model class ----------------------------------------------------------------------
 
-    org_id = UUIDField()
+
+class _TenantModelBase(ModelBase):
+    """Registers tenant tables, and refuses the class-level shortcuts that cannot name an org
+    (``Model[pk]``, ``pk in Model``, ``len(Model)``, ``iter(Model)``) outside ``cross_org``."""
+
+    def __new__(mcs, name: str, bases: tuple[type, ...], attrs: dict[str, Any],
+                **kwargs: Any) -> Any:
+        cls = super().__new__(mcs, name, bases, attrs, **kwargs)  # type: ignore[no-untyped-call]
+        if not attrs.get("_tenantdb_abstract"):
+            register_tenant_table(cls._meta.table_name)
+        return cls
+
+    def __getitem__(cls, key: Any) -> Any:
+        _refuse_shortcut(cls, "Model[pk]", "get_by_id(pk, org_id=...)")
+        return super().__getitem__(key)  # type: ignore[no-untyped-call]
+
+    def __setitem__(cls, key: Any, value: Any) -> None:
+        _refuse_shortcut(cls, "Model[pk] = ...", "set_by_id(pk, data, org_id=...)")
+        super().__setitem__(key, value)
+
+    def __delitem__(cls, key: Any) -> None:
+        _refuse_shortcut(cls, "del Model[pk]", "delete_by_id(pk, org_id=...)")
+        super().__delitem__(key)
+
+    def __contains__(cls, key: Any) -> bool:
+        _refuse_shortcut(cls, "pk in Model", "get_or_none(..., org_id=...)")
+        return bool(super().__contains__(key))
+
+    def __len__(cls) -> int:
+        _refuse_shortcut(cls, "len(Model)", "select(org_id=...).count()")
+        return int(super().__len__())
+
+    def __iter__(cls) -> Iterator[Any]:
+        _refuse_shortcut(cls, "iter(Model)", "select(org_id=...)")
+        return iter(super().__iter__())  # type: ignore[no-untyped-call]
+
+
+def _refuse_shortcut(cls: Any, shortcut: str, instead: str) -> None:
+    if cross_org_reason() is None:
+        raise MissingOrgError(f"{shortcut} cannot name an org: use {cls.__name__}.{instead}")
+
+
+class _OrgIdAccessor(peewee.FieldAccessor):
+    """Remembers a row's org; a row read from (or written to) the database keeps it."""
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        state = instance.__dict__
+        known = state.get("_tenantdb_org")  # None while Peewee is still filling a loaded row
+        if state.get("_tenantdb_persisted") and known is not None and not _same_org(known, value):
+            raise CrossOrgError(
+                f"{type(instance).__name__}.org_id cannot change on a stored row "
+                f"({state.get('_tenantdb_org')} -> {value}): insert a copy under the other org"
+            )
+        state["_tenantdb_org"] = value
+        super().__set__(instance, value)
+
+
+class OrgIdField(UUIDField):
+    """The ``org_id`` column of a tenant table."""
+
+    accessor_class = _OrgIdAccessor
+
+
+class TenantSelect(_ModelSelect):
+    """A ``SELECT`` pinned to one org: joins to tenant tables get the same org in ``ON``."""
+
+    _tenantdb_scope: uuid.UUID | None = None
+
+    def join(self, dest: Any, join_type: str = JOIN.INNER, on: Any = None, src: Any = None,
+             attr: Any = None) -> Any:
+        scope = self._tenantdb_scope
+        if scope is not None and _tenant_model(dest) is not None:
+            if on is None and join_type != JOIN.CROSS:
+                current: Any = self  # peewee's stubs omit _join_ctx
+                on = _infer_join(src if src is not None else current._join_ctx, dest)
+            join_type = JOIN.INNER if join_type == JOIN.CROSS else join_type
+            org_term = dest.org_id == scope
+            on = org_term if on is None else (on & org_term)
+        return super().join(dest, join_type, on, src, attr)
+
+    def orwhere(self, *expressions: Any) -> Any:
+        """Refused when it would weaken the org scope (it always does on a tenant query)."""
+        query = super().orwhere(*expressions)
+        verify(query)
+        return query
+
+
+class TenantModel(BaseModel, metaclass=_TenantModelBase):
+    """Base of every tenant table: rows belong to one org, and every entry point names it.
+
+    Reads: ``select``, ``get``, ``get_or_none``, ``get_by_id``, ``get_or_create``, ``filter``,
+    ``raw`` take ``org_id=``. Writes: ``create``/``insert`` rows carry their ``org_id``;
+    ``insert_many``/``bulk_create``/``replace_many`` take ``org_id=`` or rows of one org;
+    ``update``, ``delete``, ``set_by_id``, ``delete_by_id``, ``bulk_update``, ``insert_from``
+    take ``org_id=``; ``save``/``delete_instance`` act on ``WHERE org_id AND key`` and raise
+    ``DoesNotExist`` when that matches no row. Inside :func:`cross_org` the reads and the
+    ``update``/``delete`` builders may omit the org.
+    """
+
+    _tenantdb_abstract = True
+    org_id = OrgIdField()
+    # Set by Peewee on every model class and instance; declared for the type checker.
+    DoesNotExist: type[peewee.DoesNotExist]
+    _dirty: set[str]
+    __rel__: dict[str, Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Peewee builds rows read from the database with __no_default__.
+        loaded = bool(kwargs.get("__no_default__"))
+        super().__init__(*args, **kwargs)
+        self.__dict__["_tenantdb_persisted"] = loaded
+
+    # -- reads --
 
     @classmethod
-    def select(cls: type[_M], *fields: Any, org_id: OrgLike | None = None) -> ModelSelect[_M]:
+    def select(
+        cls, *fields: Any, org_id: OrgLike | None = None
+    ) -> TenantSelect:
         """``SELECT ... WHERE org_id = org``; ``org_id`` is required outside :func:`cross_org`.
 
         :raises MissingOrgError: no org (or not a UUID) outside a ``cross_org`` block.
         """
-        query = super().select(*fields)
+        query = TenantSelect(cls, fields or cls._meta.sorted_fields, is_default=not fields)
         if org_id is None and cross_org_reason() is not None:
-            return query
+            scoped: TenantSelect = _mark(query, _tenantdb_cross_org=cross_org_reason())
+            return scoped
         org = require_org(org_id, f"{cls.__name__}.select()")
-        return query.where(cls.org_id == org)
+        scoped = _mark(query.where(cls.org_id == org), _tenantdb_scope=org)
+        return scoped
 
     @classmethod
     def get(cls: type[_M], *query: Any, org_id: OrgLike | None = None, **filters: Any) -> _M:
@@ -135,7 +210,8 @@ class TenantModel(BaseModel):
             select = select.where(*query)
         if filters:
             select = select.filter(**filters)
-        return select.get()
+        row: _M = select.get()
+        return row
 
     @classmethod
     def get_or_none(
@@ -150,10 +226,47 @@ class TenantModel(BaseModel):
     @classmethod
     def get_by_id(cls: type[_M], pk: Any, org_id: OrgLike | None = None) -> _M:
         """The row of ``org_id`` whose ``id`` is ``pk``."""
-        id_field = cls._meta.fields.get("id")
-        if id_field is None:
-            raise TypeError(f"{cls.__name__} has no id column; use get(..., org_id=...)")
-        return cls.get(id_field == pk, org_id=org_id)
+        return cls.get(_id_field(cls) == pk, org_id=org_id)
+
+    @classmethod
+    def get_or_create(cls: type[_M], *, org_id: OrgLike | None = None,
+                      defaults: dict[str, Any] | None = None,
+                      **kwargs: Any) -> tuple[_M, bool]:
+        """The org's row matching ``kwargs``, or a new one (with ``defaults``) and ``True``."""
+        org = require_org(org_id, f"{cls.__name__}.get_or_create()")
+        query = cls.select(org_id=org)
+        for name, value in kwargs.items():
+            query = query.where(getattr(cls, name) == value)
+        try:
+            found: _M = query.get()
+            return found, False
+        except peewee.DoesNotExist:
+            try:
+                with cls._meta.database.atomic():
+                    return cls.create(org_id=org, **{**kwargs, **(defaults or {})}), True
+            except peewee.IntegrityError:
+                found = query.get()  # a concurrent creator won the race
+                return found, False
+
+    @classmethod
+    def filter(cls, *dq_nodes: Any, org_id: OrgLike | None = None,
+               **filters: Any) -> Any:
+        """Peewee's ``filter`` (``field__op=value`` lookups) within one org."""
+        return cls.select(org_id=org_id).filter(*dq_nodes, **filters)
+
+    @classmethod
+    def raw(cls, sql: str, *params: Any, org_id: OrgLike | None = None) -> Any:
+        """Raw SQL returning model rows, run with the org set (row-level security holds).
+
+        Outside :func:`cross_org` the org is required; put the ``org_id`` predicate in the
+        SQL too (the database hides other orgs' rows either way).
+        """
+        query = super().raw(sql, *params)
+        if org_id is None and cross_org_reason() is not None:
+            return _mark(query, _tenantdb_cross_org=cross_org_reason())
+        return _mark(query, _tenantdb_org=require_org(org_id, f"{cls.__name__}.raw()"))
+
+    # -- writes --
 
     @classmethod
     def create(cls: type[_M], **query: Any) -> _M:
@@ -161,7 +274,386 @@ class TenantModel(BaseModel):
 
         :raises MissingOrgError: no org, or not a UUID.
         """
-        query["org_id"] = require_org(query.get("org_id"), f"{cls.__name__}.create()")
+        require_org(query.get("org_id"), f"{cls.__name__}.create()")
         inst = cls(**query)
         inst.save(force_insert=True)
         return inst
+
+    @classmethod
+    def insert(cls, data: Any = None, /, **insert: Any) -> Any:
+        """``INSERT`` one row, which must carry its ``org_id``."""
+        row: dict[Any, Any] = {**_field_names(data or {}), **insert}
+        require_org(row.get(ORG_COLUMN), f"{cls.__name__}.insert()")
+        return super().insert(data, **insert)
+
+    @classmethod
+    def insert_many(cls, rows: Iterable[Any], fields: Sequence[Any] | None = None, *,
+                    org_id: OrgLike | None = None) -> Any:
+        """``INSERT`` rows of one org: ``org_id=`` fills rows without one and must match
+        the rest; without it every row must carry the same org.
+
+        :raises CrossOrgError: a row of another org.
+        :raises MissingOrgError: no org anywhere.
+        """
+        rows = list(rows)
+        scope = require_org(org_id, f"{cls.__name__}.insert_many()") if org_id else None
+        names = [n for n in (_name(f) for f in fields or ()) if n is not None]
+        checked = [_row_in_org(cls, row, names, scope) for row in rows]
+        orgs = {org for _, org in checked}
+        if len(orgs) > 1:
+            raise CrossOrgError(f"{cls.__name__}.insert_many() writes one org, got {len(orgs)}")
+        return super().insert_many([row for row, _ in checked], fields)
+
+    @classmethod
+    def insert_from(cls, query: Any, fields: Sequence[Any], *,
+                    org_id: OrgLike | None = None) -> Any:
+        """``INSERT ... SELECT`` whose selected rows are all of ``org_id``.
+
+        :raises CrossOrgError: the SELECT is scoped to another org.
+        """
+        org = require_org(org_id, f"{cls.__name__}.insert_from()")
+        insert = super().insert_from(query, fields)
+        if verify(insert).org != org:
+            raise CrossOrgError(f"{cls.__name__}.insert_from(): the rows are not of org {org}")
+        return insert
+
+    @classmethod
+    def replace(cls, data: Any = None, /, **insert: Any) -> Any:
+        """PostgreSQL's "replace": insert, or overwrite the org's row with the same key."""
+        return cls.insert(data, **insert).on_conflict(
+            conflict_target=_pk_fields(cls), preserve=_non_pk_fields(cls))
+
+    @classmethod
+    def replace_many(cls, rows: Iterable[Any], fields: Sequence[Any] | None = None, *,
+                     org_id: OrgLike | None = None) -> Any:
+        """:meth:`replace` for many rows of one org."""
+        return cls.insert_many(rows, fields, org_id=org_id).on_conflict(
+            conflict_target=_pk_fields(cls), preserve=_non_pk_fields(cls))
+
+    @classmethod
+    def update(cls, data: Any = None, /, *, org_id: OrgLike | None = None,
+               **update: Any) -> Any:
+        """``UPDATE ... WHERE org_id = org``; ``org_id`` itself can never be set.
+
+        :raises CrossOrgError: the data sets ``org_id``.
+        """
+        if ORG_COLUMN in _field_names(data or {}):
+            raise CrossOrgError(f"{cls.__name__}.update() cannot change org_id; org_id= is the "
+                                "scope of the update")
+        query = super().update(data, **update)
+        if org_id is None and cross_org_reason() is not None:
+            return _mark(query, _tenantdb_cross_org=cross_org_reason())
+        return query.where(cls.org_id == require_org(org_id, f"{cls.__name__}.update()"))
+
+    @classmethod
+    def delete(cls, *, org_id: OrgLike | None = None) -> Any:
+        """``DELETE ... WHERE org_id = org``."""
+        query = super().delete()
+        if org_id is None and cross_org_reason() is not None:
+            return _mark(query, _tenantdb_cross_org=cross_org_reason())
+        return query.where(cls.org_id == require_org(org_id, f"{cls.__name__}.delete()"))
+
+    @classmethod
+    def set_by_id(cls, key: Any, value: dict[str, Any], *, org_id: OrgLike | None = None) -> Any:
+        """Update the org's row ``key`` with ``value``, or insert ``value`` if ``key`` is None."""
+        org = require_org(org_id, f"{cls.__name__}.set_by_id()")
+        if key is None:
+            return cls.insert({**_field_names(value), ORG_COLUMN: org}).execute()
+        return cls.update(value, org_id=org).where(_id_field(cls) == key).execute()
+
+    @classmethod
+    def delete_by_id(cls, pk: Any, *, org_id: OrgLike | None = None) -> Any:
+        """Delete the org's row ``pk``; returns the number of rows deleted (0 or 1)."""
+        org = require_org(org_id, f"{cls.__name__}.delete_by_id()")
+        return cls.delete(org_id=org).where(_id_field(cls) == pk).execute()
+
+    @classmethod
+    def bulk_create(cls, model_list: Iterable[Any], batch_size: int | None = None, *,
+                    org_id: OrgLike | None = None) -> None:
+        """Insert unsaved instances of one org (``org_id=`` fills those without one)."""
+        instances = list(model_list)
+        scope = require_org(org_id, f"{cls.__name__}.bulk_create()") if org_id else None
+        for inst in instances:
+            if inst.org_id is None and scope is not None:
+                inst.org_id = scope
+            elif scope is not None and not _same_org(inst.org_id, scope):
+                raise CrossOrgError(f"{cls.__name__}.bulk_create(): a row of org {inst.org_id} "
+                                    f"in a write to org {scope}")
+        super().bulk_create(instances, batch_size)
+        for inst in instances:
+            inst.__dict__["_tenantdb_persisted"] = True
+
+    @classmethod
+    def bulk_update(cls, model_list: Iterable[Any], fields: Sequence[Any],
+                    batch_size: int | None = None, *, org_id: OrgLike | None = None) -> int:
+        """Update ``fields`` of stored instances of one org, a batch per statement.
+
+        :raises CrossOrgError: an instance of another org, or ``org_id`` among ``fields``.
+        """
+        instances = list(model_list)
+        if not instances:
+            return 0
+        org = require_org(org_id if org_id is not None else instances[0].org_id,
+                          f"{cls.__name__}.bulk_update()")
+        if any(not _same_org(inst.org_id, org) for inst in instances):
+            raise CrossOrgError(f"{cls.__name__}.bulk_update() writes one org ({org})")
+        targets = [cls._meta.fields[f] if isinstance(f, str) else f for f in fields]
+        if any(f.name in (ORG_COLUMN, "id") for f in targets):
+            raise CrossOrgError(f"{cls.__name__}.bulk_update() cannot change org_id or id")
+        id_field, total = _id_field(cls), 0
+        for batch in chunked(instances, batch_size or len(instances)):
+            data = {f: Case(id_field, [(i.id, Value(getattr(i, f.name), converter=f.db_value))
+                                       for i in batch], f) for f in targets}
+            total += cls.update(data, org_id=org).where(
+                id_field.in_([i.id for i in batch])).execute()
+        return total
+
+    def save(self, force_insert: bool = False, only: Any = None) -> int:
+        """Insert a new row, or update this one: ``WHERE org_id = <its org> AND <key>``.
+
+        :raises MissingOrgError: the row has no org.
+        :raises peewee.DoesNotExist: the update matched no row (deleted, or never inserted).
+        """
+        org = require_org(self.org_id, f"{type(self).__name__}.save()")
+        if force_insert or not self.__dict__.get("_tenantdb_persisted"):
+            rows = int(super().save(force_insert=True, only=only))
+            self.__dict__["_tenantdb_persisted"] = True
+            return rows
+        keys = {f.name for f in _pk_fields(type(self))}
+        names = [_name(f) for f in only] if only is not None else list(self.__data__)
+        data = {n: self.__data__[n] for n in names if n in self.__data__ and n not in keys}
+        if not data:
+            raise ValueError("no data to save!")
+        rows = int(type(self).update(data, org_id=org).where(*self._key_terms()).execute())
+        if rows == 0:
+            raise self.DoesNotExist(f"{type(self).__name__}.save() matched no row of org {org} "
+                                    f"with {self._key_text()}: deleted, or never inserted")
+        self._dirty -= set(data)
+        return rows
+
+    def delete_instance(self, recursive: bool = False, delete_nullable: bool = False) -> int:
+        """Delete this row: ``WHERE org_id = <its org> AND <key>``.
+
+        Dependent rows go through the database's composite foreign keys (``ON DELETE
+        CASCADE`` / ``SET NULL``), which never reach another org; the flags are accepted
+        for compatibility and change nothing.
+
+        :raises peewee.DoesNotExist: no such row in its org.
+        """
+        org = require_org(self.org_id, f"{type(self).__name__}.delete_instance()")
+        rows = int(type(self).delete(org_id=org).where(*self._key_terms()).execute())
+        if rows == 0:
+            raise self.DoesNotExist(f"{type(self).__name__}.delete_instance() matched no row "
+                                    f"of org {org} with {self._key_text()}")
+        self.__dict__["_tenantdb_persisted"] = False
+        return rows
+
+    def _key_terms(self) -> list[Any]:
+        return [f == getattr(self, f.name) for f in _pk_fields(type(self))
+                if f.name != ORG_COLUMN]
+
+    def _key_text(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in _pk_fields(type(self))
+                         if f.name != ORG_COLUMN)
+
+
+# -- relations ----------------------------------------------------------------------------
+
+
+class TenantForeignKey(UUIDField):
+    """A ``*_id`` column pointing at another tenant table's ``id`` within the same org.
+
+    The database holds the relation as a composite key ``(org_id, x_id)``, which Peewee's
+    ``ForeignKeyField`` cannot express; this field adds the accessors: ``row.user`` (the
+    ``user_id`` row of ``row``'s org) and, on the target, ``user.<backref>`` (a query of
+    the rows of ``user``'s org pointing at it).
+
+    :param rel_model: the target model.
+    :param backref: the name of the reverse accessor on ``rel_model``.
+    """
+
+    def __init__(self, rel_model: type[TenantModel], *args: Any, backref: str | None = None,
+                 **kwargs: Any) -> None:
+        self.rel_model = rel_model
+        self.backref = backref
+        super().__init__(*args, **kwargs)
+
+    @property
+    def object_name(self) -> str:
+        return self.name[:-3] if self.name.endswith("_id") else f"{self.name}_object"
+
+    def bind(self, model: Any, name: str, set_attribute: bool = True) -> None:
+        super().bind(model, name, set_attribute)
+        setattr(model, self.object_name, _RelatedObject(self))
+        if self.backref:
+            setattr(self.rel_model, self.backref, _Backref(self))
+
+
+class _RelatedObject:
+    def __init__(self, fk: TenantForeignKey) -> None:
+        self.fk = fk
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        target = instance.__data__.get(self.fk.name)
+        if target is None:
+            return None
+        cached = instance.__rel__.get(self.fk.object_name)
+        if cached is not None and cached.id == target:
+            return cached
+        row = self.fk.rel_model.get_by_id(target, org_id=instance.org_id)
+        instance.__rel__[self.fk.object_name] = row
+        return row
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        if value is not None and not _same_org(value.org_id, instance.org_id):
+            raise CrossOrgError(f"{type(instance).__name__}.{self.fk.object_name}: a row of org "
+                                f"{value.org_id} cannot be linked from org {instance.org_id}")
+        setattr(instance, self.fk.name, None if value is None else value.id)
+        instance.__rel__[self.fk.object_name] = value
+
+
+class _Backref:
+    def __init__(self, fk: TenantForeignKey) -> None:
+        self.fk = fk
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        return self.fk.model.select(org_id=instance.org_id).where(self.fk == instance.id)
+
+
+def prefetch(query: Any, *related: Any) -> list[Any]:
+    """Run ``query`` and load related rows of the same org, a query per relation.
+
+    Each of ``related`` is a tenant model (or a query of one, scoped to the same org)
+    related by a :class:`TenantForeignKey` to the query's model or an earlier one. Children
+    land in a list under the backref name (``dest.knowledge_items``); parents are cached for
+    their accessor (``item.destination``).
+
+    :raises MissingOrgError: ``query`` is not scoped to an org.
+    :raises CrossOrgError: a related query is scoped to another org.
+    """
+    org = getattr(query, "_tenantdb_scope", None) or verify(query).org
+    if org is None:
+        raise MissingOrgError("prefetch() needs a query scoped with org_id=...")
+    loaded: list[tuple[type[TenantModel], list[Any]]] = [(query.model, list(query))]
+    for rel in related:
+        source: Any = rel
+        rel_query = source.select(org_id=org) if isinstance(rel, type) else rel
+        if verify(rel_query).org != org:
+            raise CrossOrgError(f"prefetch(): related rows must be of org {org}")
+        fk, parents = _find_relation(rel_query.model, loaded)
+        rows = _attach(fk, rel_query, parents)
+        loaded.append((rel_query.model, rows))
+    return loaded[0][1]
+
+
+def _find_relation(model: type[TenantModel], loaded: list[tuple[type[TenantModel], list[Any]]]
+                   ) -> tuple[TenantForeignKey, list[Any]]:
+    for loaded_model, rows in reversed(loaded):
+        for fk in _foreign_keys(model, loaded_model) + _foreign_keys(loaded_model, model):
+            return fk, rows
+    raise ValueError(f"prefetch(): no TenantForeignKey links {model.__name__} to the query")
+
+
+def _attach(fk: TenantForeignKey, rel_query: Any, parents: list[Any]) -> list[Any]:
+    if fk.model is rel_query.model:  # children pointing at the parents
+        ids = [p.id for p in parents]
+        rows = list(rel_query.where(fk.in_(ids))) if ids else []
+        by_parent: dict[Any, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_parent[getattr(row, fk.name)].append(row)
+        for parent in parents:
+            parent.__dict__[fk.backref or f"{fk.model._meta.name}_set"] = by_parent[parent.id]
+        return rows
+    targets = {getattr(p, fk.name) for p in parents} - {None}
+    rows = list(rel_query.where(_id_field(fk.rel_model).in_(targets))) if targets else []
+    by_id = {row.id: row for row in rows}
+    for parent in parents:
+        parent.__rel__[fk.object_name] = by_id.get(getattr(parent, fk.name))
+    return rows
+
+
+def _foreign_keys(model: Any, target: Any) -> list[TenantForeignKey]:
+    return [f for f in model._meta.sorted_fields
+            if isinstance(f, TenantForeignKey) and f.rel_model is target]
+
+
+def _infer_join(src: Any, dest: Any) -> Any:
+    src_model, dest_model = _tenant_model(src), _tenant_model(dest)
+    candidates = [(dest, fk, src) for fk in _foreign_keys(dest_model, src_model)]
+    candidates += [(src, fk, dest) for fk in _foreign_keys(src_model, dest_model)]
+    if len(candidates) != 1:
+        raise ValueError(f"join to {getattr(dest_model, '__name__', dest)}: give on=... "
+                         f"({len(candidates)} TenantForeignKey links found)")
+    holder, fk, target = candidates[0]
+    return getattr(holder, fk.name) == target.id
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _mark(query: Any, **tags: Any) -> Any:
+    """Attach tenantdb's tags to a query; Peewee's clones copy them along."""
+    query.__dict__.update(tags)
+    return query
+
+
+def _tenant_model(source: Any) -> Any:
+    model = source.model if isinstance(source, peewee.ModelAlias) else source
+    return model if isinstance(model, type) and issubclass(model, TenantModel) else None
+
+
+def _id_field(model: Any) -> Any:
+    field = model._meta.fields.get("id")
+    if field is None:
+        raise TypeError(f"{model.__name__} has no id column; use its key fields with org_id=...")
+    return field
+
+
+def _pk_fields(model: Any) -> list[Any]:
+    pk = model._meta.primary_key
+    if isinstance(pk, peewee.CompositeKey):
+        return [model._meta.fields[name] for name in pk.field_names]
+    return [pk]
+
+
+def _non_pk_fields(model: Any) -> list[Any]:
+    keys = {f.name for f in _pk_fields(model)}
+    return [f for f in model._meta.sorted_fields if f.name not in keys]
+
+
+def _name(field: Any) -> str | None:
+    if isinstance(field, str):
+        return field
+    return getattr(field, "name", None)
+
+
+def _field_names(data: Any) -> dict[Any, Any]:
+    return {_name(k): v for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _row_in_org(model: Any, row: Any, names: list[str], scope: uuid.UUID | None
+                ) -> tuple[Any, uuid.UUID]:
+    where = f"{model.__name__}.insert_many()"
+    if isinstance(row, dict):
+        named = _field_names(row)
+        if named.get(ORG_COLUMN) is None:
+            return {**row, ORG_COLUMN: require_org(scope, where)}, require_org(scope, where)
+        org = require_org(named[ORG_COLUMN], where)
+    elif ORG_COLUMN in names:
+        org = require_org(row[names.index(ORG_COLUMN)], where)
+    else:
+        raise MissingOrgError(f"{where}: rows given as tuples must include org_id in fields")
+    if scope is not None and org != scope:
+        raise CrossOrgError(f"{where}: a row of org {org} in a write to org {scope}")
+    return row, org
+
+
+def _same_org(a: Any, b: Any) -> bool:
+    try:
+        return uuid.UUID(str(a)) == uuid.UUID(str(b))
+    except ValueError:
+        return bool(a == b)

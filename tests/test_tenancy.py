@@ -1,0 +1,495 @@
+"""Acting as org A never returns, changes or deletes a row of org B, on any Peewee path.
+
+Orgs A and B hold rows with identical ids and natural keys (tests/tenancy_fixtures.py), so
+a predicate that forgets the org shows up as B's row, a doubled join, or a changed B row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import peewee
+import pytest
+from peewee import JOIN, Table, fn
+from playhouse.shortcuts import model_to_dict
+from tenancy_fixtures import IDS, Twins, make_twins
+
+from tenantdb.db import TenantDatabase
+from tenantdb.errors import CrossOrgError, MissingOrgError, TenancyError, UnscopedQueryError
+from tenantdb.models import (
+    TENANT_MODELS,
+    AgentRun,
+    Destination,
+    Embedding,
+    IdempotencyKey,
+    Itinerary,
+    KnowledgeItem,
+    User,
+)
+from tenantdb.tenancy import TenantModel, cross_org, execute_scoped, prefetch
+from tenantdb.verifier import verify
+
+ROW_MODELS = [m for m in TENANT_MODELS if "id" in m._meta.fields]
+
+
+@pytest.fixture
+def twins(tenant_db: TenantDatabase) -> Twins:
+    return make_twins()
+
+
+def descriptions(org: uuid.UUID) -> dict[uuid.UUID, Any]:
+    return {d.id: d.description for d in Destination.select(org_id=org)}
+
+
+def b_unchanged(twins: Twins) -> None:
+    """B's destination still reads exactly as created."""
+    assert descriptions(twins.b) == {IDS["destination"]: str(twins.b)}
+
+
+# -- the conformance list ------------------------------------------------------------------
+
+# Every public attribute of peewee.Model is either a tested entry point (below) or harmless:
+# it runs no statement on a tenant table (add_index only records an index for create_table;
+# table_exists reads the catalog).
+HARMLESS = {"add_index", "bind", "bind_ctx", "clone", "coerce", "copy", "dependencies",
+            "dirty_field_names", "dirty_fields", "get_id", "index", "is_alias", "is_dirty",
+            "table_exists", "unwrap", "validate_model"}
+ENTRY_POINTS: dict[str, str] = {}
+
+
+def entry_point(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def register(test: Callable[..., None]) -> Callable[..., None]:
+        for name in names:
+            ENTRY_POINTS[name] = test.__name__
+        return test
+    return register
+
+
+def test_every_peewee_entry_point_is_tested_or_harmless() -> None:
+    public = {n for n in dir(peewee.Model) if not n.startswith("_")}
+    class_shortcuts = {"__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__",
+                       "__iter__"}
+    assert class_shortcuts <= set(vars(peewee.ModelBase))
+    untested = (public | class_shortcuts) - HARMLESS - set(ENTRY_POINTS)
+    assert untested == set(), f"new Peewee entry points without a tenancy test: {untested}"
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+@entry_point("select")
+@pytest.mark.parametrize("model", TENANT_MODELS, ids=lambda m: m.__name__)
+def test_select_returns_only_own_org(twins: Twins, model: type[TenantModel]) -> None:
+    rows = list(model.select(org_id=twins.a))
+    assert len(rows) == 1 and rows[0].org_id == twins.a
+    with pytest.raises(MissingOrgError):
+        model.select()
+
+
+@entry_point("get", "get_or_none", "get_by_id")
+@pytest.mark.parametrize("model", ROW_MODELS, ids=lambda m: m.__name__)
+def test_get_paths_return_own_org_row(twins: Twins, model: type[TenantModel]) -> None:
+    same_id = model._meta.fields["id"]
+    row_id = next(iter(model.select(org_id=twins.a))).id
+    assert model.get(same_id == row_id, org_id=twins.a).org_id == twins.a
+    got = model.get_or_none(same_id == row_id, org_id=twins.b)
+    assert got is not None and got.org_id == twins.b
+    assert model.get_by_id(row_id, org_id=twins.a).org_id == twins.a
+    for call in (lambda: model.get(same_id == row_id), lambda: model.get_by_id(row_id),
+                 lambda: model.get_or_none(same_id == row_id)):
+        with pytest.raises(MissingOrgError):
+            call()
+
+
+@entry_point("get_or_create")
+def test_get_or_create_finds_or_creates_in_own_org(twins: Twins) -> None:
+    found, created = Destination.get_or_create(org_id=twins.a, name="Lisbon")
+    assert (found.org_id, created) == (twins.a, False)
+    made, created = Destination.get_or_create(org_id=twins.a, name="Porto",
+                                              defaults={"country": "PT"})
+    assert (made.org_id, made.country, created) == (twins.a, "PT", True)
+    assert Destination.get_or_none(Destination.name == "Porto", org_id=twins.b) is None
+    with pytest.raises(MissingOrgError):
+        Destination.get_or_create(name="Porto")
+
+
+@entry_point("filter")
+def test_filter_is_scoped(twins: Twins) -> None:
+    rows = list(Destination.filter(org_id=twins.a, name="Lisbon"))
+    assert [r.org_id for r in rows] == [twins.a]
+    with pytest.raises(MissingOrgError):
+        Destination.filter(name="Lisbon")
+
+
+@entry_point("__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__", "__iter__")
+def test_class_shortcuts_cannot_name_an_org(twins: Twins) -> None:
+    shortcuts: list[Callable[[], Any]] = [
+        lambda: Destination[IDS["destination"]],
+        lambda: Destination.__setitem__(IDS["destination"], {"name": "x"}),
+        lambda: Destination.__delitem__(IDS["destination"]),
+        lambda: IDS["destination"] in Destination,
+        lambda: len(Destination),
+        lambda: list(Destination),
+    ]
+    for shortcut in shortcuts:
+        with pytest.raises(MissingOrgError, match="cannot name an org"):
+            shortcut()
+    b_unchanged(twins)
+
+
+def test_relation_accessors_stay_in_the_instance_org(twins: Twins) -> None:
+    itinerary = Itinerary.get_by_id(IDS["itinerary"], org_id=twins.a)
+    assert itinerary.user.org_id == twins.a
+    assert itinerary.agent_run.org_id == twins.a
+    assert itinerary.destination.description == str(twins.a)
+    user = User.get_by_id(IDS["user"], org_id=twins.b)
+    assert [i.org_id for i in user.itineraries] == [twins.b]
+    assert [r.org_id for r in user.agent_runs] == [twins.b]
+
+
+def test_relation_assignment_across_orgs_is_refused(twins: Twins) -> None:
+    itinerary = Itinerary.get_by_id(IDS["itinerary"], org_id=twins.a)
+    with pytest.raises(CrossOrgError):
+        itinerary.user = User.get_by_id(IDS["user"], org_id=twins.b)
+
+
+def test_prefetch_loads_children_and_parents_of_own_org(twins: Twins) -> None:
+    destinations = prefetch(Destination.select(org_id=twins.a), KnowledgeItem, Itinerary)
+    assert [d.org_id for d in destinations] == [twins.a]
+    assert [k.org_id for k in destinations[0].knowledge_items] == [twins.a]
+    assert [i.org_id for i in destinations[0].itineraries] == [twins.a]
+    items = prefetch(KnowledgeItem.select(org_id=twins.a), Destination)
+    assert items[0].destination.org_id == twins.a
+    with pytest.raises(CrossOrgError):
+        prefetch(Destination.select(org_id=twins.a), KnowledgeItem.select(org_id=twins.b))
+
+
+def test_peewee_prefetch_with_a_bare_model_is_refused(twins: Twins) -> None:
+    with pytest.raises(TenancyError):
+        peewee.prefetch(Destination.select(org_id=twins.a), KnowledgeItem)
+
+
+def test_model_to_dict_with_backrefs_reads_nothing_of_other_orgs(twins: Twins) -> None:
+    user = User.get_by_id(IDS["user"], org_id=twins.a)
+    data = model_to_dict(user, backrefs=True)
+    assert data["org_id"] == twins.a and data["display_name"] == str(twins.a)
+
+
+@entry_point("raw")
+def test_raw_needs_an_org_and_rls_hides_other_orgs(twins: Twins) -> None:
+    forgetful = "SELECT * FROM destination"  # no org predicate: the database holds the line
+    rows = list(Destination.raw(forgetful, org_id=twins.a))
+    assert [r.org_id for r in rows] == [twins.a]
+    with pytest.raises(MissingOrgError):
+        Destination.raw(forgetful)
+
+
+@entry_point("alias")
+def test_alias_select_is_verified(twins: Twins) -> None:
+    dest = Destination.alias()
+    with pytest.raises(UnscopedQueryError, match="destination"):
+        list(dest.select())
+    rows = list(dest.select().where(dest.org_id == twins.a))
+    assert [r.org_id for r in rows] == [twins.a]
+
+
+def test_table_objects_are_verified(twins: Twins, tenant_db: TenantDatabase) -> None:
+    table = Table("destination").bind(tenant_db)
+    with pytest.raises(UnscopedQueryError):
+        list(table.select())
+    rows = list(table.select(table.c.org_id).where(table.c.org_id == twins.a).tuples())
+    assert [uuid.UUID(str(org)) for (org,) in rows] == [twins.a]
+
+
+def test_execute_sql_on_tenant_tables_is_refused(twins: Twins,
+                                                 tenant_db: TenantDatabase) -> None:
+    with pytest.raises(UnscopedQueryError, match="execute_scoped"):
+        tenant_db.execute_sql("SELECT count(*) FROM destination")
+    cursor = execute_scoped(twins.a, "SELECT org_id FROM destination")
+    assert cursor.fetchall() == [(twins.a,)]
+    assert tenant_db.execute_sql("SELECT 1").fetchone() == (1,)
+
+
+@entry_point("noop")
+def test_noop_reads_no_rows(twins: Twins) -> None:
+    assert list(Destination.noop().tuples()) == []
+
+
+# -- joins, subqueries, OR ---------------------------------------------------------------
+
+
+def test_join_is_constrained_to_the_same_org(twins: Twins) -> None:
+    query = (Itinerary.select(Itinerary.org_id, User.org_id, org_id=twins.a)
+             .join(User, on=(Itinerary.user_id == User.id)))
+    assert list(query.tuples()) == [(twins.a, twins.a)]
+
+
+def test_join_without_on_uses_the_tenant_foreign_key(twins: Twins) -> None:
+    query = Itinerary.select(Itinerary.org_id, User.org_id, org_id=twins.a).join(User)
+    assert list(query.tuples()) == [(twins.a, twins.a)]
+
+
+def test_outer_join_puts_the_org_in_on(twins: Twins) -> None:
+    query = (Destination.select(Destination.org_id, KnowledgeItem.org_id, org_id=twins.a)
+             .join(KnowledgeItem, JOIN.LEFT_OUTER,
+                   on=(KnowledgeItem.destination_id == Destination.id)))
+    assert list(query.tuples()) == [(twins.a, twins.a)]
+    assert "ON ((" in query.sql()[0] and query.sql()[0].count("org_id") >= 3
+
+
+def test_unconstrained_join_through_an_alias_is_refused(twins: Twins) -> None:
+    user = User.alias()
+    query = (Itinerary.select(org_id=twins.a)
+             .join_from(Itinerary, user, on=(Itinerary.user_id == user.id)))
+    # The rewrite constrains aliases too, so this one is safe ...
+    assert [i.org_id for i in query] == [twins.a]
+    # ... and a query assembled without the rewrite is refused by the verifier.
+    bare = (Itinerary.alias().select()
+            .where(Itinerary.alias().org_id == twins.a))
+    with pytest.raises(UnscopedQueryError):
+        verify(bare)
+
+
+def test_left_join_constrained_only_in_where_of_the_preserved_side_is_refused(
+    twins: Twins,
+) -> None:
+    item = KnowledgeItem.alias()
+    dest = Destination.alias()
+    query = (dest.select(dest.id)
+             .join(item, JOIN.LEFT_OUTER, on=(item.destination_id == dest.id))
+             .where(dest.org_id == twins.a))
+    with pytest.raises(UnscopedQueryError, match="knowledge_item"):
+        list(query)
+    linked = (dest.select(dest.id, item.org_id)
+              .join(item, JOIN.LEFT_OUTER,
+                    on=((item.destination_id == dest.id) & (item.org_id == dest.org_id)))
+              .where(dest.org_id == twins.a))
+    assert list(linked.tuples()) == [(IDS["destination"], twins.a)]
+
+
+def test_subquery_without_org_is_refused(twins: Twins) -> None:
+    item = KnowledgeItem.alias()
+    inner = item.select(item.destination_id)
+    query = Destination.select(org_id=twins.a).where(Destination.id.in_(inner))
+    with pytest.raises(UnscopedQueryError, match="knowledge_item"):
+        list(query)
+    scoped = KnowledgeItem.select(KnowledgeItem.destination_id, org_id=twins.a)
+    assert [d.org_id for d in Destination.select(org_id=twins.a)
+            .where(Destination.id.in_(scoped))] == [twins.a]
+
+
+def test_correlated_subquery_linked_by_org_is_accepted(twins: Twins) -> None:
+    item = KnowledgeItem.alias()
+    count = (item.select(fn.COUNT(item.id))
+             .where((item.destination_id == Destination.id) & (item.org_id == Destination.org_id)))
+    query = Destination.select(Destination.org_id, count.alias("n"), org_id=twins.a)
+    assert list(query.tuples()) == [(twins.a, 1)]
+
+
+def test_cte_and_union_are_verified(twins: Twins) -> None:
+    dest = Destination.alias()
+    cte = dest.select(dest.id).cte("ids")
+    query = (Destination.select(org_id=twins.a).with_cte(cte)
+             .where(Destination.id.in_(cte.select_from(cte.c.id))))
+    with pytest.raises(UnscopedQueryError):
+        list(query)
+    union = Destination.select(Destination.id, org_id=twins.a) | dest.select(dest.id)
+    with pytest.raises(UnscopedQueryError):
+        list(union)
+
+
+def test_orwhere_that_weakens_the_scope_is_refused(twins: Twins) -> None:
+    with pytest.raises(UnscopedQueryError):
+        Destination.select(org_id=twins.a).orwhere(Destination.name == "Lisbon")
+
+
+def test_two_orgs_in_one_statement_are_refused(twins: Twins) -> None:
+    query = (Destination.select(org_id=twins.a)
+             .where(Destination.id.in_(KnowledgeItem.select(KnowledgeItem.destination_id,
+                                                            org_id=twins.b))))
+    with pytest.raises(CrossOrgError):
+        list(query)
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+@entry_point("update")
+def test_update_changes_only_own_org(twins: Twins) -> None:
+    count = Destination.update(description="A was here", org_id=twins.a).execute()
+    assert count == 1 and descriptions(twins.a)[IDS["destination"]] == "A was here"
+    b_unchanged(twins)
+    with pytest.raises(MissingOrgError):
+        Destination.update(description="everyone")
+    with pytest.raises(CrossOrgError):
+        Destination.update({Destination.org_id: twins.b}, org_id=twins.a)
+
+
+@entry_point("delete")
+def test_delete_removes_only_own_org(twins: Twins) -> None:
+    assert Embedding.delete(org_id=twins.a).execute() == 1
+    assert Embedding.select(org_id=twins.a).count() == 0
+    assert Embedding.select(org_id=twins.b).count() == 1
+    with pytest.raises(MissingOrgError):
+        Embedding.delete()
+
+
+@entry_point("insert", "create")
+def test_insert_and_create_need_the_org(twins: Twins) -> None:
+    with pytest.raises(MissingOrgError):
+        Destination.insert(name="Nowhere")
+    with pytest.raises(MissingOrgError):
+        Destination.create(name="Nowhere")
+    Destination.insert(org_id=twins.a, name="Porto").execute()
+    assert "Porto" in {d.name for d in Destination.select(org_id=twins.a)}
+    assert "Porto" not in {d.name for d in Destination.select(org_id=twins.b)}
+
+
+@entry_point("insert_many")
+def test_insert_many_writes_one_org(twins: Twins) -> None:
+    rows = [{"org_id": twins.a, "name": "X"}, {"org_id": twins.b, "name": "Y"}]
+    with pytest.raises(CrossOrgError):
+        Destination.insert_many(rows)
+    with pytest.raises(CrossOrgError):
+        Destination.insert_many([{"org_id": twins.b, "name": "Y"}], org_id=twins.a)
+    with pytest.raises(MissingOrgError):
+        Destination.insert_many([{"name": "Z"}])
+    Destination.insert_many([{"name": "P"}, {"name": "Q"}], org_id=twins.a).execute()
+    assert {"P", "Q"} <= {d.name for d in Destination.select(org_id=twins.a)}
+    assert not {"P", "Q"} & {d.name for d in Destination.select(org_id=twins.b)}
+
+
+@entry_point("insert_from")
+def test_insert_from_copies_only_own_org_rows(twins: Twins) -> None:
+    source = Destination.select(Destination.org_id, Destination.name.concat(" copy"),
+                                org_id=twins.b)
+    fields = [Destination.org_id, Destination.name]
+    with pytest.raises(CrossOrgError):
+        Destination.insert_from(source, fields, org_id=twins.a)
+    dest = Destination.alias()
+    unscoped = dest.select(dest.org_id, dest.name.concat(" copy"))
+    with pytest.raises(UnscopedQueryError):
+        Destination.insert_from(unscoped, fields, org_id=twins.a)
+    own = Destination.select(Destination.org_id, Destination.name.concat(" copy"),
+                             org_id=twins.a)
+    Destination.insert_from(own, fields, org_id=twins.a).execute()
+    assert "Lisbon copy" in {d.name for d in Destination.select(org_id=twins.a)}
+    assert "Lisbon copy" not in {d.name for d in Destination.select(org_id=twins.b)}
+
+
+@entry_point("replace", "replace_many")
+def test_replace_overwrites_only_own_org_row(twins: Twins) -> None:
+    Destination.replace(org_id=twins.a, id=IDS["destination"], name="Lisbon",
+                        description="replaced").execute()
+    assert descriptions(twins.a)[IDS["destination"]] == "replaced"
+    Destination.replace_many([{"id": IDS["destination"], "name": "Lisbon",
+                               "description": "again"}], org_id=twins.a).execute()
+    assert descriptions(twins.a)[IDS["destination"]] == "again"
+    b_unchanged(twins)
+    with pytest.raises(MissingOrgError):
+        Destination.replace(id=IDS["destination"], name="Lisbon")
+
+
+@entry_point("set_by_id", "delete_by_id")
+def test_set_and_delete_by_id_are_scoped(twins: Twins) -> None:
+    Destination.set_by_id(IDS["destination"], {"description": "set"}, org_id=twins.a)
+    assert descriptions(twins.a)[IDS["destination"]] == "set"
+    b_unchanged(twins)
+    with pytest.raises(MissingOrgError):
+        Destination.set_by_id(IDS["destination"], {"description": "x"})
+    assert Destination.delete_by_id(IDS["destination"], org_id=twins.a) == 1
+    assert descriptions(twins.a) == {}
+    b_unchanged(twins)
+    with pytest.raises(MissingOrgError):
+        Destination.delete_by_id(IDS["destination"])
+
+
+@entry_point("bulk_update")
+def test_bulk_update_changes_only_own_org(twins: Twins) -> None:
+    row = Destination.get_by_id(IDS["destination"], org_id=twins.a)
+    row.description = "bulk"
+    assert Destination.bulk_update([row], fields=["description"]) == 1
+    assert descriptions(twins.a)[IDS["destination"]] == "bulk"
+    b_unchanged(twins)
+    other = Destination.get_by_id(IDS["destination"], org_id=twins.b)
+    with pytest.raises(CrossOrgError):
+        Destination.bulk_update([row, other], fields=["description"])
+    with pytest.raises(CrossOrgError):
+        Destination.bulk_update([row], fields=["description"], org_id=twins.b)
+
+
+@entry_point("bulk_create")
+def test_bulk_create_writes_one_org(twins: Twins) -> None:
+    Destination.bulk_create([Destination(name="M"), Destination(name="N")], org_id=twins.a)
+    assert {"M", "N"} <= {d.name for d in Destination.select(org_id=twins.a)}
+    with pytest.raises(CrossOrgError):
+        Destination.bulk_create([Destination(org_id=twins.b, name="O")], org_id=twins.a)
+    with pytest.raises(CrossOrgError):
+        Destination.bulk_create([Destination(org_id=twins.a, name="O"),
+                                 Destination(org_id=twins.b, name="O")])
+    assert "O" not in {d.name for d in Destination.select(org_id=twins.b)}
+
+
+@entry_point("save")
+def test_save_updates_own_row_and_org_cannot_change(twins: Twins) -> None:
+    row = Destination.get_by_id(IDS["destination"], org_id=twins.a)
+    row.description = "saved"
+    assert row.save() == 1
+    b_unchanged(twins)
+    with pytest.raises(CrossOrgError):
+        row.org_id = twins.b
+    Destination.delete_by_id(IDS["destination"], org_id=twins.a)
+    with pytest.raises(Destination.DoesNotExist):
+        row.save()
+    fresh = Destination(org_id=twins.a, name="Fresh")
+    fresh.save()
+    assert Destination.get_by_id(fresh.id, org_id=twins.a).name == "Fresh"
+
+
+@entry_point("delete_instance")
+def test_delete_instance_deletes_only_own_row(twins: Twins) -> None:
+    row = Destination.get_by_id(IDS["destination"], org_id=twins.a)
+    assert row.delete_instance(recursive=True) == 1
+    assert descriptions(twins.a) == {}
+    b_unchanged(twins)
+    assert KnowledgeItem.select(org_id=twins.b).count() == 1  # B's children untouched
+    with pytest.raises(Destination.DoesNotExist):
+        row.delete_instance()
+
+
+@entry_point("create_table", "drop_table", "truncate_table")
+@pytest.mark.parametrize("ddl", ["create_table", "drop_table", "truncate_table"])
+def test_ddl_on_tenant_tables_is_refused(twins: Twins, ddl: str) -> None:
+    statement: Callable[..., Any] = getattr(Destination, ddl)
+    with pytest.raises(UnscopedQueryError):
+        statement(**({} if ddl == "truncate_table" else {"safe": False}))
+    b_unchanged(twins)
+
+
+# -- cross_org ----------------------------------------------------------------------------
+
+
+def test_cross_org_sees_all_orgs_and_is_gone_after(twins: Twins) -> None:
+    with cross_org(reason="test: count both orgs"):
+        assert Destination.select().where(Destination.id == IDS["destination"]).count() == 2
+        query = Destination.select().where(Destination.id == IDS["destination"])
+    assert query.count() == 2  # a query built inside keeps its permission
+    with pytest.raises(MissingOrgError):
+        Destination.select()
+
+
+def test_cross_org_statements_run_as_the_bypass_role(twins: Twins,
+                                                     tenant_db: TenantDatabase) -> None:
+    with cross_org(reason="test: role"):
+        (role,) = tenant_db.execute_sql("SELECT count(*) FROM destination").fetchone()
+    assert role == 2
+    (user,) = tenant_db.execute_sql("SELECT current_user").fetchone()
+    assert user == "tenantdb_app"
+
+
+def test_agent_run_json_round_trips_within_org(twins: Twins) -> None:
+    run = AgentRun.get_by_id(IDS["run"], org_id=twins.b)
+    assert run.intent == {"org": str(twins.b)}
+    assert IdempotencyKey.get(org_id=twins.a, key="same-key").org_id == twins.a
