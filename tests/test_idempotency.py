@@ -87,10 +87,9 @@ def make_user(org_id: uuid.UUID) -> uuid.UUID:
 
 
 @pytest.fixture
-def user_id(org_id: uuid.UUID, tenant_db: TenantDatabase) -> Iterator[uuid.UUID]:
-    """A user of ``org_id`` inside the test transaction, where claims are allowed."""
-    with allow_claims_in_transaction():
-        yield make_user(org_id)
+def user_id(org_id: uuid.UUID, tenant_db: TenantDatabase) -> uuid.UUID:
+    """A user of ``org_id`` inside the test transaction (where the plugin allows claims)."""
+    return make_user(org_id)
 
 
 @dataclass(frozen=True)
@@ -218,14 +217,21 @@ def test_begin_for_a_user_of_another_org_raises_unknown_user(two_orgs: TwoOrgs,
               allow_transaction=True)
 
 
-def test_begin_inside_a_transaction_is_refused_unless_allowed(
+def test_tenant_db_fixture_allows_claims_inside_its_transaction(
     org_id: uuid.UUID, tenant_db: TenantDatabase
 ) -> None:
+    assert tenant_db.in_transaction()
     user = make_user(org_id)
-    with pytest.raises(ClaimInTransactionError, match=r"before database\.atomic"):
-        begin(new_key(), org_id=org_id, user_id=user, body_hash=BODY)
-    claim = begin(new_key(), org_id=org_id, user_id=user, body_hash=BODY,
-                  allow_transaction=True)
+    claim = begin(new_key(), org_id=org_id, user_id=user, body_hash=BODY)
+    assert claim.outcome is ClaimOutcome.STARTED
+
+
+def test_begin_inside_a_transaction_is_refused_unless_allowed(owner: Owner) -> None:
+    with database.atomic():
+        with pytest.raises(ClaimInTransactionError, match=r"before database\.atomic"):
+            begin(new_key(), org_id=owner.org_id, user_id=owner.user_id, body_hash=BODY)
+        claim = begin(new_key(), org_id=owner.org_id, user_id=owner.user_id, body_hash=BODY,
+                      allow_transaction=True)
     assert claim.outcome is ClaimOutcome.STARTED
 
 
