@@ -52,7 +52,7 @@ def test_scoped_list_pages(orgs: TwoOrgs) -> None:
 
 @pytest.mark.parametrize(("limit", "offset"), [(0, 0), (1001, 0), (10, -1), (True, 0)])
 def test_scoped_list_rejects_bad_pages(orgs: TwoOrgs, limit: int, offset: int) -> None:
-    with pytest.raises(ValueError, match="limit|offset"):
+    with pytest.raises(ValueError, match=r"limit|offset"):
         scoped_list(Destination, orgs.a, limit=limit, offset=offset)
 
 

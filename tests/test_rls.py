@@ -41,7 +41,7 @@ def test_raw_sql_as_app_role_without_org_errors(
     conn = app_connection(tenantdb_database.url)
     try:
         with conn.cursor() as cur:
-            with pytest.raises(psycopg2.Error, match="tenantdb.org_id"):
+            with pytest.raises(psycopg2.Error, match=r"tenantdb\.org_id"):
                 cur.execute("SELECT count(*) FROM destination")
             # Once a transaction has set and cleared it, the empty value errors too.
             cur.execute("BEGIN; SELECT set_config('tenantdb.org_id', %s, true); COMMIT",

@@ -126,7 +126,7 @@ def layers(request: pytest.FixtureRequest, tenant_db: TenantDatabase,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(base=st.sampled_from(MODELS), plan=st.lists(steps, max_size=5),
        aggregate=st.booleans())
-def test_compositions_never_yield_another_orgs_rows(
+def test_compositions_never_yield_another_orgs_rows(  # noqa: PLR0917 - fixtures + givens
     twins: Twins, tenant_db: TenantDatabase, layers: str, base: Any, plan: list[Step],
     aggregate: bool,
 ) -> None:
