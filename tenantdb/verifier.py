@@ -165,8 +165,9 @@ class _Walk:
         for item in query._from_list:
             self.collect(item, sources, predicates, outer)
         scope = self.solve(sources, predicates, outer)
-        clauses = (query._where, query._having, query._returning, query._order_by,
-                   query._group_by, [p.expr for p in predicates])
+        # The predicates hold WHERE's and every ON's terms.
+        clauses = (query._having, query._returning, query._order_by, query._group_by,
+                   [p.expr for p in predicates])
         self.subqueries(clauses, scope)
         return scope
 
@@ -269,11 +270,19 @@ class _Walk:
     def solve(self, sources: list[_Source], predicates: list[_Predicate],
               outer: _Scope) -> _Scope:
         scope = dict(outer)
-        changed = True
-        while changed:
+        links = []
+        for predicate in predicates:
+            link = self.pin(predicate, scope)
+            if link is not None:
+                links.append(link)
+        changed = bool(links)
+        while changed:  # org_id = org_id links carry an org from table to table
             changed = False
-            for predicate in predicates:
-                changed |= self.apply(predicate, scope)
+            for left, right, predicate in links:
+                for known, other in ((left, right), (right, left)):
+                    if known in scope and other not in scope and _applies(predicate, other):
+                        scope[other] = scope[known]
+                        changed = True
         for source in sources:
             if source.table is None:
                 continue
@@ -286,29 +295,22 @@ class _Walk:
             self.orgs.add(scope[source.key])
         return scope
 
-    def apply(self, predicate: _Predicate, scope: _Scope) -> bool:
+    def pin(self, predicate: _Predicate, scope: _Scope
+            ) -> tuple[object, object, _Predicate] | None:
+        """Apply an ``org_id = <constant>`` predicate to ``scope``; return an
+        ``org_id = org_id`` predicate as a link for :meth:`solve` to follow."""
         expr = predicate.expr
         if not (isinstance(expr, Expression) and expr.op == OP.EQ):
-            return False
+            return None
         left, right = _org_column_key(expr.lhs), _org_column_key(expr.rhs)
         if left is not None and right is not None:
-            return self.link(left, right, predicate, scope) or self.link(
-                right, left, predicate, scope)
-        for key, other in ((left, expr.rhs), (right, expr.lhs)):
-            if key is not None and _is_constant(other) and _applies(predicate, key):
-                org = require_org(_constant(other), "org_id predicate")
-                if scope.get(key, org) != org:
-                    raise CrossOrgError(f"one table is pinned to two orgs ({scope[key]}, {org})")
-                if key not in scope:
-                    scope[key] = org
-                    return True
-        return False
-
-    def link(self, known: object, other: object, predicate: _Predicate, scope: _Scope) -> bool:
-        if known in scope and other not in scope and _applies(predicate, other):
-            scope[other] = scope[known]
-            return True
-        return False
+            return None if left is right else (left, right, predicate)
+        key, other = (left, expr.rhs) if left is not None else (right, expr.lhs)
+        if key is not None and _is_constant(other) and _applies(predicate, key):
+            org = require_org(_constant(other), "org_id predicate")
+            if scope.setdefault(key, org) != org:
+                raise CrossOrgError(f"one table is pinned to two orgs ({scope[key]}, {org})")
+        return None
 
     def subqueries(self, clauses: Iterable[Any], scope: _Scope) -> None:
         for clause in clauses:
@@ -325,6 +327,9 @@ class _Walk:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+# Nodes that can hold no query: columns, plain values, names.
+_LEAVES = (Field, Column, str, int, float, uuid.UUID, type(None))
 
 
 def _and_terms(expr: Any) -> list[Any]:
@@ -412,6 +417,8 @@ def _org_of_row(row: Any, columns: list[str | None], table: str) -> uuid.UUID:
 
 def _subqueries(node: Any, walk: _Walk) -> Iterator[Any]:
     """Queries nested anywhere in an expression tree (not descending into them)."""
+    if isinstance(node, _LEAVES):  # the common case (selected columns): nothing inside
+        return
     if isinstance(node, (SelectBase, Update, Delete, Insert)):
         yield node
     elif isinstance(node, SQL):
