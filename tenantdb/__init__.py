@@ -2,37 +2,56 @@
 
 from __future__ import annotations
 
+from .context import cross_org, require_org
 from .db import close, connect, database
 from .errors import (
+    ClaimInTransactionError,
     ConfigurationError,
     CrossOrgError,
+    IdempotencyError,
+    KeyNotClaimedError,
     MigrationError,
     MissingOrgError,
     SeedError,
     TenancyError,
     TenantDBError,
+    UnknownUserError,
     UnscopedQueryError,
 )
+from .repository import TenantRepository, scoped_count, scoped_get, scoped_list, scoped_query
 from .settings import Settings, get_settings
-from .tenancy import TenantModel, cross_org
+from .tenancy import TenantForeignKey, TenantModel, execute_scoped, prefetch
 
 __all__ = [
+    "ClaimInTransactionError",
     "ConfigurationError",
     "CrossOrgError",
+    "IdempotencyError",
+    "KeyNotClaimedError",
     "MigrationError",
     "MissingOrgError",
     "SeedError",
     "Settings",
     "TenancyError",
     "TenantDBError",
+    "TenantForeignKey",
     "TenantModel",
+    "TenantRepository",
+    "UnknownUserError",
     "UnscopedQueryError",
     "__version__",
     "close",
     "connect",
     "cross_org",
     "database",
+    "execute_scoped",
     "get_settings",
+    "prefetch",
+    "require_org",
+    "scoped_count",
+    "scoped_get",
+    "scoped_list",
+    "scoped_query",
 ]
 
 __version__ = "0.1.0"

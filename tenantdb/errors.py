@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 __all__ = [
+    "ClaimInTransactionError",
     "ConfigurationError",
     "CrossOrgError",
+    "IdempotencyError",
+    "KeyNotClaimedError",
     "MigrationError",
     "MissingOrgError",
     "SeedError",
     "TenancyError",
     "TenantDBError",
+    "UnknownUserError",
     "UnscopedQueryError",
 ]
 
@@ -44,3 +48,20 @@ class CrossOrgError(TenancyError):
 
 class UnscopedQueryError(TenancyError):
     """A query reaches a tenant table without its org predicate."""
+
+
+class IdempotencyError(TenantDBError):
+    """Base of the idempotency store's refusals."""
+
+
+class ClaimInTransactionError(IdempotencyError):
+    """``idempotency.begin()`` was called inside an open transaction: racers would block on
+    the claim instead of getting a fast "in progress", and a rollback would drop it."""
+
+
+class KeyNotClaimedError(IdempotencyError):
+    """``idempotency.mark_completed()`` found no pending claim of this key with this body."""
+
+
+class UnknownUserError(IdempotencyError, LookupError):
+    """An idempotency key's user does not exist in the key's org."""

@@ -35,7 +35,12 @@ import peewee
 from psycopg2.extras import Json
 
 from .db import database
-from .errors import TenantDBError
+from .errors import (
+    ClaimInTransactionError,
+    IdempotencyError,
+    KeyNotClaimedError,
+    UnknownUserError,
+)
 from .tenancy import OrgLike, execute_scoped, require_org
 
 __all__ = [
@@ -199,22 +204,6 @@ class ClaimOutcome(str, Enum):
     IN_PROGRESS = "in_progress"
     #: The key was used with a different body (HTTP 422); the stored entry is unchanged.
     MISMATCH = "mismatch"
-
-
-class IdempotencyError(TenantDBError):
-    """Base of the idempotency store's refusals."""
-
-
-class ClaimInTransactionError(IdempotencyError):
-    """:func:`begin` was called inside an open transaction (see :func:`begin`)."""
-
-
-class KeyNotClaimedError(IdempotencyError):
-    """:func:`mark_completed` found no pending claim of this key with this body."""
-
-
-class UnknownUserError(IdempotencyError, LookupError):
-    """The key's user does not exist in the key's org."""
 
 
 @dataclass(frozen=True)
