@@ -115,13 +115,13 @@ class _OrgIdAccessor(peewee.FieldAccessor):
 
     def __set__(self, instance: Any, value: Any) -> None:
         state = instance.__dict__
-        known = state.get("_tenantdb_org")  # None while Peewee is still filling a loaded row
+        known = state.get("_tenantdb_row_org")  # None while Peewee is still filling a loaded row
         if state.get("_tenantdb_persisted") and known is not None and not _same_org(known, value):
             raise CrossOrgError(
                 f"{type(instance).__name__}.org_id cannot change on a stored row "
-                f"({state.get('_tenantdb_org')} -> {value}): insert a copy under the other org"
+                f"({known} -> {value}): insert a copy under the other org"
             )
-        state["_tenantdb_org"] = value
+        state["_tenantdb_row_org"] = value
         super().__set__(instance, value)
 
 
