@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
 
     pgenv = sub.add_parser("pgenv", help="print PG* variables for psql and plain pyway")
     pgenv.set_defaults(handler=_pgenv)
+
+    retention = sub.add_parser(
+        "retention", help="stale rows per retention policy (a dry run unless --purge)")
+    retention.add_argument("--purge", action="store_true",
+                           help="delete stale rows and scrub stale tool logs (default: count)")
+    retention.add_argument("--org", metavar="ORG_ID", help="one org (default: every org)")
+    retention.add_argument("--batch-size", type=int, default=1000, metavar="N",
+                           help="rows per batch, each committed on its own (default: 1000)")
+    retention.set_defaults(handler=_retention)
     return parser
 
 
@@ -163,4 +172,36 @@ def _pgenv(args: argparse.Namespace) -> int:
     }
     for var, value in values.items():
         print(f"export {var}='{value}'")
+    return 0
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from .retention import PURGE_ORDER, get_retention_summary, purge
+
+    if args.batch_size < 1:  # refused before connecting, not after the summary
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    connect()
+    summary = get_retention_summary(org_id=args.org)
+    scope = f"org {summary.org_id}" if summary.org_id else "every org"
+    print(f"retention as of {summary.now.isoformat(' ', 'seconds')} ({scope})")
+    print(f"{'policy':<22} {'stale before':<25} {'rows':>10}")
+    for policy, count in summary.counts.items():
+        cutoff = summary.cutoffs[policy].isoformat(" ", "seconds")
+        print(f"{policy.value:<22} {cutoff:<25} {count:>10}")
+    if not args.purge:
+        print("dry run: nothing changed; pass --purge to delete (tool logs: scrub) these rows")
+        return 0
+    for policy in PURGE_ORDER:
+        todo, done = summary.counts[policy], 0
+
+        def progress(affected: int, policy: str = policy.value, todo: int = todo) -> None:
+            nonlocal done
+            done += affected
+            print(f"\rpurging {policy}: {done}/{max(todo, done)}", end="", file=sys.stderr,
+                  flush=True)
+
+        purged = purge(policy, args.batch_size, org_id=summary.org_id, now=summary.now,
+                       on_batch=progress)
+        print(file=sys.stderr)
+        print(f"purged {policy.value}: {purged}")
     return 0

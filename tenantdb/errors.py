@@ -10,6 +10,7 @@ __all__ = [
     "KeyNotClaimedError",
     "MigrationError",
     "MissingOrgError",
+    "PurgeInTransactionError",
     "SeedError",
     "TenancyError",
     "TenantDBError",
@@ -65,3 +66,8 @@ class KeyNotClaimedError(IdempotencyError):
 
 class UnknownUserError(IdempotencyError, LookupError):
     """An idempotency key's user does not exist in the key's org."""
+
+
+class PurgeInTransactionError(TenantDBError):
+    """``retention.purge()`` was called inside an open transaction, where its batches could
+    not commit on their own."""

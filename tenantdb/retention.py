@@ -1,0 +1,482 @@
+"""Retention: select stale rows per policy, and purge them in batches.
+
+Four policies, each a window from :class:`~tenantdb.settings.Settings`:
+
+- ``agent_runs``: runs created more than ``retention_agent_run_days`` ago (deleted);
+- ``agent_run_tool_logs``: runs older than ``retention_tool_log_hours`` that still carry a
+  ``tool_log`` (the log is scrubbed to NULL, the run is kept);
+- ``itineraries``: itineraries created more than ``retention_itinerary_days`` ago (deleted);
+- ``idempotency_entries``: entries past ``ttl_until`` (deleted), never a pending entry
+  whose lease is still live.
+
+The selectors return unexecuted Peewee queries, for one org (``org_id=``) or across every
+org (built inside :func:`~tenantdb.context.cross_org`, whose permission the query keeps).
+Every cutoff derives from one ``now``: the caller's, or the database's clock read once,
+because Postgres keeps its own clock (a frozen Python clock would not move it).
+:func:`purge` deletes (or scrubs) in batches of ``FOR UPDATE SKIP LOCKED`` rows, each batch
+committed on its own, so it is restartable and safe to run twice at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from peewee import SQL, fn
+
+from .context import cross_org, require_org
+from .db import database
+from .errors import PurgeInTransactionError
+from .models import AgentRun, IdempotencyKey, Itinerary
+from .settings import get_settings
+from .tenancy import OrgLike, TenantModel, TenantSelect, execute_scoped
+
+__all__ = [
+    "PURGE_ORDER",
+    "PurgeInTransactionError",
+    "RetentionPolicy",
+    "RetentionSummary",
+    "get_retention_summary",
+    "get_stale_agent_run_tool_logs",
+    "get_stale_agent_runs",
+    "get_stale_idempotency_entries",
+    "get_stale_itineraries",
+    "purge",
+]
+
+log = logging.getLogger(__name__)
+
+# SQL
+# The database's clock, read once per selection or purge run: every cutoff derives from it.
+NOW_SQL = "SELECT now()"
+# Appended to a batch's selection for one org. Row-level security would hide other orgs'
+# rows anyway; the predicate is what lets the planner use the org's index entries.
+ORG_FILTER_SQL = "AND org_id = %s"
+# One batch per statement: lock up to LIMIT stale rows, oldest first, skipping rows another
+# purge (or any writer) holds, so concurrent purges split the work instead of deadlocking;
+# then act on exactly those rows. The count comes back as a row, whatever the driver's
+# rowcount reports for a multi-statement call. Placeholders: the predicate's values, the
+# org (only with ORG_FILTER_SQL), the batch size.
+# Deleting a run sets its itineraries' agent_run_id to NULL in the same statement (the
+# composite FK is ON DELETE SET NULL), so no child is left pointing at a purged parent.
+PURGE_AGENT_RUNS_SQL = """
+WITH batch AS (
+    SELECT org_id, id FROM agent_run
+    WHERE created_at < %s {org_filter}
+    ORDER BY created_at LIMIT %s
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    DELETE FROM agent_run t USING batch
+    WHERE t.org_id = batch.org_id AND t.id = batch.id
+    RETURNING 1
+)
+SELECT count(*) FROM done
+"""
+# updated_at is left alone: it records the last change a user or agent made, and scrubbing
+# a log is neither.
+SCRUB_TOOL_LOGS_SQL = """
+WITH batch AS (
+    SELECT org_id, id FROM agent_run
+    WHERE tool_log IS NOT NULL AND created_at < %s {org_filter}
+    ORDER BY created_at LIMIT %s
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE agent_run t SET tool_log = NULL FROM batch
+    WHERE t.org_id = batch.org_id AND t.id = batch.id
+    RETURNING 1
+)
+SELECT count(*) FROM done
+"""
+PURGE_ITINERARIES_SQL = """
+WITH batch AS (
+    SELECT org_id, id FROM itinerary
+    WHERE created_at < %s {org_filter}
+    ORDER BY created_at LIMIT %s
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    DELETE FROM itinerary t USING batch
+    WHERE t.org_id = batch.org_id AND t.id = batch.id
+    RETURNING 1
+)
+SELECT count(*) FROM done
+"""
+# FOR UPDATE re-checks the predicate on a row a concurrent begin() took over after this
+# statement's snapshot (new ttl, new lease), so a freshly claimed key is never deleted.
+PURGE_IDEMPOTENCY_SQL = """
+WITH batch AS (
+    SELECT org_id, user_id, key FROM idempotency_key
+    WHERE ttl_until <= %s
+      AND (status <> 'pending' OR locked_until IS NULL OR locked_until <= %s) {org_filter}
+    ORDER BY ttl_until LIMIT %s
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    DELETE FROM idempotency_key t USING batch
+    WHERE t.org_id = batch.org_id AND t.user_id = batch.user_id AND t.key = batch.key
+    RETURNING 1
+)
+SELECT count(*) FROM done
+"""
+
+SELECT_REASON = "retention: stale row selection"
+PURGE_REASON = "retention: purge"
+
+
+class RetentionPolicy(enum.StrEnum):
+    """What a retention run removes; the values are the names the CLI and ``purge`` take."""
+
+    AGENT_RUNS = "agent_runs"
+    AGENT_RUN_TOOL_LOGS = "agent_run_tool_logs"
+    ITINERARIES = "itineraries"
+    IDEMPOTENCY_ENTRIES = "idempotency_entries"
+
+
+#: The order a full run purges in: children (itineraries) before their parent runs, and
+#: runs before their tool logs, so no log is scrubbed from a run about to be deleted.
+PURGE_ORDER: tuple[RetentionPolicy, ...] = (
+    RetentionPolicy.ITINERARIES,
+    RetentionPolicy.AGENT_RUNS,
+    RetentionPolicy.AGENT_RUN_TOOL_LOGS,
+    RetentionPolicy.IDEMPOTENCY_ENTRIES,
+)
+
+
+@dataclass(frozen=True)
+class RetentionSummary:
+    """Stale rows per policy, all counted against one ``now``.
+
+    :param now: the time every cutoff derives from.
+    :param org_id: the org counted, or ``None`` for every org.
+    :param cutoffs: per policy, the time before which a row is stale (``created_at``; for
+        idempotency entries ``ttl_until``, which is ``now``).
+    :param counts: per policy, the stale rows (in ``org_id``, or across every org).
+    :param per_org: per org with stale rows, its counts per policy (zeros included);
+        ``None`` unless asked for with ``per_org=True``.
+    """
+
+    now: datetime
+    org_id: uuid.UUID | None
+    cutoffs: Mapping[RetentionPolicy, datetime]
+    counts: Mapping[RetentionPolicy, int]
+    per_org: Mapping[uuid.UUID, Mapping[RetentionPolicy, int]] | None = None
+
+    @property
+    def total(self) -> int:
+        """The sum of :attr:`counts`. A run past both windows counts under ``agent_runs``
+        and under ``agent_run_tool_logs``, so a full purge may touch fewer rows."""
+        return sum(self.counts.values())
+
+
+# PUBLIC API
+
+
+def get_stale_agent_runs(
+    retention_days: float | None = None, *, org_id: OrgLike | None = None,
+    now: datetime | None = None,
+) -> TenantSelect:
+    """Agent runs created more than ``retention_days`` before ``now``: an unexecuted query.
+
+    :param retention_days: the window; ``None``: ``Settings.retention_agent_run_days``.
+    :param org_id: one org's runs; ``None``: every org's (the query carries ``cross_org``).
+    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
+    :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
+    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    """
+    window = _window(retention_days, get_settings().retention_agent_run_days,
+                     "retention_days", "days")
+    return _select_stale(RetentionPolicy.AGENT_RUNS, window, org_id, now)
+
+
+def get_stale_agent_run_tool_logs(
+    retention_hours: float | None = None, *, org_id: OrgLike | None = None,
+    now: datetime | None = None,
+) -> TenantSelect:
+    """Agent runs older than ``retention_hours`` whose ``tool_log`` is still set.
+
+    :param retention_hours: the window; ``None``: ``Settings.retention_tool_log_hours``.
+    :param org_id: one org's runs; ``None``: every org's.
+    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
+    :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
+    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    """
+    window = _window(retention_hours, get_settings().retention_tool_log_hours,
+                     "retention_hours", "hours")
+    return _select_stale(RetentionPolicy.AGENT_RUN_TOOL_LOGS, window, org_id, now)
+
+
+def get_stale_itineraries(
+    retention_days: float | None = None, *, org_id: OrgLike | None = None,
+    now: datetime | None = None,
+) -> TenantSelect:
+    """Itineraries created more than ``retention_days`` before ``now``.
+
+    :param retention_days: the window; ``None``: ``Settings.retention_itinerary_days``.
+    :param org_id: one org's itineraries; ``None``: every org's.
+    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
+    :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
+    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    """
+    window = _window(retention_days, get_settings().retention_itinerary_days,
+                     "retention_days", "days")
+    return _select_stale(RetentionPolicy.ITINERARIES, window, org_id, now)
+
+
+def get_stale_idempotency_entries(
+    *, org_id: OrgLike | None = None, now: datetime | None = None
+) -> TenantSelect:
+    """Idempotency entries with ``ttl_until <= now``, except pending ones whose lease
+    (``locked_until``) is still live: their holder is still working.
+
+    :param org_id: one org's entries; ``None``: every org's.
+    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
+    :raises ValueError: a naive ``now`` (before any SQL).
+    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    """
+    return _select_stale(RetentionPolicy.IDEMPOTENCY_ENTRIES, timedelta(0), org_id, now)
+
+
+def get_retention_summary(
+    *, org_id: OrgLike | None = None, now: datetime | None = None, per_org: bool = False
+) -> RetentionSummary:
+    """Count the stale rows of every policy (windows from Settings) against one ``now``.
+
+    One ``COUNT`` per policy, grouped by org when ``per_org`` is set.
+
+    :param org_id: count one org; ``None``: every org.
+    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
+    :param per_org: also break the counts down per org.
+    :raises ValueError: a naive ``now`` (before any SQL).
+    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    """
+    org = _org(org_id, "get_retention_summary()")
+    windows = _setting_windows()
+    when = _resolve_now(now)
+    cutoffs = {policy: _cutoff(when, windows[policy]) for policy in RetentionPolicy}
+    queries = {policy: _select_stale(policy, windows[policy], org, when)
+               for policy in RetentionPolicy}
+    if not per_org:
+        counts = {policy: int(query.count()) for policy, query in queries.items()}
+        return RetentionSummary(when, org, MappingProxyType(cutoffs), MappingProxyType(counts))
+    by_org = _counts_per_org(queries)
+    counts = {policy: sum(c[policy] for c in by_org.values()) for policy in RetentionPolicy}
+    return RetentionSummary(when, org, MappingProxyType(cutoffs), MappingProxyType(counts),
+                            MappingProxyType(by_org))
+
+
+def purge(
+    policy: RetentionPolicy | str,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+    *,
+    org_id: OrgLike | None = None,
+    now: datetime | None = None,
+    max_batches: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Delete (or, for tool logs, scrub to NULL) the stale rows of ``policy``, in batches.
+
+    The cutoff is computed once, from ``now``. Each batch locks up to ``batch_size`` stale
+    rows, oldest first, with ``FOR UPDATE SKIP LOCKED``, acts on them and commits on its
+    own: an interrupted purge keeps what it did and a rerun finishes the rest, and
+    concurrent purges split the rows between them. Rows locked by another transaction are
+    skipped and left for the next run. The run ends with the first batch smaller than
+    ``batch_size``, or after ``max_batches``. Windows come from Settings.
+
+    :param policy: a :class:`RetentionPolicy` or its value (``"agent_runs"``, ...).
+    :param batch_size: rows per batch (and per transaction), at least 1.
+    :param dry_run: count what would be affected (within ``max_batches``), change nothing;
+        allowed inside a transaction.
+    :param org_id: purge one org; ``None``: every org (as ``cross_org``).
+    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
+    :param max_batches: stop after this many batches (at least 1); ``None``: no limit.
+    :param on_batch: called with each batch's row count after that batch committed.
+    :returns: the rows deleted or scrubbed (dry run: that would be).
+    :raises ValueError: an unknown policy, a batch size or ``max_batches`` below 1, a naive
+        ``now`` (all before any SQL).
+    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises PurgeInTransactionError: called inside an open transaction (not a dry run).
+    """
+    chosen = _policy(policy)
+    _check_count(batch_size, "batch_size")
+    if max_batches is not None:
+        _check_count(max_batches, "max_batches")
+    org = _org(org_id, "purge()")
+    if now is not None:
+        _check_aware(now)  # before the dry run's or the batches' first statement
+    window = _setting_windows()[chosen]
+    if dry_run:
+        would = int(_select_stale(chosen, window, org, now).count())
+        return would if max_batches is None else min(would, max_batches * batch_size)
+    if database.in_transaction():
+        raise PurgeInTransactionError(
+            "purge() inside an open transaction: its batches could not commit on their own "
+            "and every locked row would stay locked until the caller ends it; call purge() "
+            "outside database.atomic() (or pass dry_run=True to only count)"
+        )
+    cutoff = _cutoff(_resolve_now(now), window)
+    return _run_batches(chosen, cutoff, org, batch_size=batch_size, max_batches=max_batches,
+                        on_batch=on_batch)
+
+
+# PRIVATE HELPERS
+
+
+@dataclass(frozen=True)
+class _Policy:
+    model: type[TenantModel]
+    batch_sql: str
+
+
+_POLICIES: dict[RetentionPolicy, _Policy] = {
+    RetentionPolicy.AGENT_RUNS: _Policy(AgentRun, PURGE_AGENT_RUNS_SQL),
+    RetentionPolicy.AGENT_RUN_TOOL_LOGS: _Policy(AgentRun, SCRUB_TOOL_LOGS_SQL),
+    RetentionPolicy.ITINERARIES: _Policy(Itinerary, PURGE_ITINERARIES_SQL),
+    RetentionPolicy.IDEMPOTENCY_ENTRIES: _Policy(IdempotencyKey, PURGE_IDEMPOTENCY_SQL),
+}
+
+
+def _select_stale(policy: RetentionPolicy, window: timedelta, org_id: OrgLike | None,
+                  now: datetime | None) -> TenantSelect:
+    """The stale rows of ``policy``; validates everything before the clock is read."""
+    org = _org(org_id, f"get_stale_{policy.value}()")
+    when = _resolve_now(now)
+    predicate = _stale_predicate(policy, _cutoff(when, window), when)
+    model = _POLICIES[policy].model
+    if org is not None:
+        return model.select(org_id=org).where(predicate)
+    with cross_org(reason=SELECT_REASON):
+        # Built here, the query keeps the cross-org permission when the caller runs it.
+        return model.select().where(predicate)
+
+
+def _stale_predicate(policy: RetentionPolicy, cutoff: datetime, now: datetime) -> Any:
+    """The Peewee twin of the batch SQL's WHERE clause (tests hold the two together)."""
+    if policy is RetentionPolicy.AGENT_RUNS:
+        return AgentRun.created_at < cutoff
+    if policy is RetentionPolicy.AGENT_RUN_TOOL_LOGS:
+        # IS NOT NULL matches the partial index agent_run_tool_log_created_at_idx.
+        return AgentRun.tool_log.is_null(False) & (AgentRun.created_at < cutoff)
+    if policy is RetentionPolicy.ITINERARIES:
+        return Itinerary.created_at < cutoff
+    key = IdempotencyKey
+    live_lease = (key.status == "pending") & key.locked_until.is_null(False) & (
+        key.locked_until > now)
+    return (key.ttl_until <= now) & ~live_lease
+
+
+def _counts_per_org(queries: Mapping[RetentionPolicy, TenantSelect]
+                    ) -> dict[uuid.UUID, Mapping[RetentionPolicy, int]]:
+    found: dict[uuid.UUID, dict[RetentionPolicy, int]] = {}
+    for policy, query in queries.items():
+        model = _POLICIES[policy].model
+        grouped = query.select(model.org_id, fn.COUNT(SQL("*"))).group_by(model.org_id)
+        for org, count in grouped.tuples():
+            found.setdefault(org, dict.fromkeys(RetentionPolicy, 0))[policy] = int(count)
+    return {org: MappingProxyType(counts) for org, counts in found.items()}
+
+
+def _run_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None, *,
+                 batch_size: int, max_batches: int | None,
+                 on_batch: Callable[[int], None] | None) -> int:
+    sql = _batch_statement(policy, org is not None)
+    params = _batch_params(policy, cutoff, org, batch_size)
+    total = batches = 0
+    while max_batches is None or batches < max_batches:
+        with database.atomic():
+            affected = int(_execute(sql, params, org).fetchone()[0])
+        total, batches = total + affected, batches + 1
+        if on_batch is not None:
+            on_batch(affected)
+        if affected < batch_size:  # nothing more this run can lock
+            break
+    log.info("retention purge of %s (%s): %d row(s) in %d batch(es), cutoff %s", policy.value,
+             org or "every org", total, batches, cutoff.isoformat())
+    return total
+
+
+def _batch_statement(policy: RetentionPolicy, scoped: bool) -> str:
+    """The batch SQL of ``policy``, for one org (``scoped``) or every org."""
+    return _POLICIES[policy].batch_sql.format(org_filter=ORG_FILTER_SQL if scoped else "")
+
+
+def _batch_params(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None,
+                  batch_size: int) -> tuple[Any, ...]:
+    # For idempotency entries the cutoff is now itself: it bounds ttl and lease alike.
+    values: tuple[Any, ...] = (
+        (cutoff, cutoff) if policy is RetentionPolicy.IDEMPOTENCY_ENTRIES else (cutoff,))
+    return (*values, *((org,) if org is not None else ()), batch_size)
+
+
+def _execute(sql: str, params: tuple[Any, ...], org: uuid.UUID | None) -> Any:
+    if org is not None:
+        return execute_scoped(org, sql, params)
+    with cross_org(reason=PURGE_REASON):
+        return database.execute_sql(sql, params)
+
+
+def _policy(value: RetentionPolicy | str) -> RetentionPolicy:
+    try:
+        return RetentionPolicy(value)
+    except ValueError:
+        names = ", ".join(p.value for p in RetentionPolicy)
+        raise ValueError(f"unknown retention policy {value!r}: use one of {names}") from None
+
+
+def _setting_windows() -> dict[RetentionPolicy, timedelta]:
+    settings = get_settings()
+    return {
+        RetentionPolicy.AGENT_RUNS: timedelta(days=settings.retention_agent_run_days),
+        RetentionPolicy.AGENT_RUN_TOOL_LOGS: timedelta(hours=settings.retention_tool_log_hours),
+        RetentionPolicy.ITINERARIES: timedelta(days=settings.retention_itinerary_days),
+        RetentionPolicy.IDEMPOTENCY_ENTRIES: timedelta(0),
+    }
+
+
+def _window(value: float | None, default: int, name: str, unit: str) -> timedelta:
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+    try:
+        return timedelta(**{unit: value})
+    except OverflowError:
+        raise ValueError(f"{name}={value!r} is too long a window") from None
+
+
+def _check_count(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"purge(): {name} must be an integer of at least 1, got {value!r}")
+
+
+def _check_aware(now: datetime) -> None:
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise ValueError(f"now must be a timezone-aware datetime (e.g. datetime.now(UTC)), "
+                         f"got {now!r}: a naive time would be read in the server's zone")
+
+
+def _org(org_id: OrgLike | None, where: str) -> uuid.UUID | None:
+    # None means every org here; anything else must be a real org (an empty string is not).
+    return None if org_id is None else require_org(org_id, where)
+
+
+def _resolve_now(now: datetime | None) -> datetime:
+    """``now`` once checked, else the database's clock (the one SQL this may run)."""
+    if now is not None:
+        _check_aware(now)
+        return now
+    value: datetime = database.execute_sql(NOW_SQL).fetchone()[0]
+    return value
+
+
+def _cutoff(now: datetime, window: timedelta) -> datetime:
+    try:
+        return now - window
+    except OverflowError:
+        raise ValueError(f"a retention window of {window} reaches before year 1") from None
