@@ -202,7 +202,7 @@ def _guard() -> _Access:
     return access
 
 
-def _admin(url: str, statement: sql.Composable) -> None:
+def _admin(url: str, statement: sql.Composable | str) -> None:
     conn = psycopg2.connect(url)
     try:
         conn.autocommit = True

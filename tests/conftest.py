@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 from psycopg2 import sql
 
 from tenantdb.models import Org
 from tenantdb.pytest_plugin import TestDatabase
+from tenantdb.pytest_plugin import _admin as admin_execute  # one statement as the owner
 
 pytest_plugins = ["pytester"]
 
@@ -31,16 +31,6 @@ def two_orgs(tenant_db: object) -> TwoOrgs:
     a = Org.create(name="Org A", slug=f"a-{uuid.uuid4().hex[:10]}")
     b = Org.create(name="Org B", slug=f"b-{uuid.uuid4().hex[:10]}")
     return TwoOrgs(a.id, b.id)
-
-
-def admin_execute(url: str, statement: sql.Composable | str) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
 
 
 @pytest.fixture
