@@ -9,14 +9,24 @@
 -- bound by the policies too (FORCE ROW LEVEL SECURITY); superusers are not.
 -- Re-runnable: roles and policies are created only when missing.
 
+-- Roles belong to the whole cluster, and the migration lock to one database: two databases
+-- migrating at once may both try to create a role, so losing that race is not an error.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tenantdb_app') THEN
         CREATE ROLE tenantdb_app LOGIN NOINHERIT NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
     END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;
+END
+$$;
+DO $$
+BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tenantdb_admin') THEN
         CREATE ROLE tenantdb_admin NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
     END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;
 END
 $$;
 
