@@ -1,0 +1,455 @@
+"""Knowledge search: exact result counts, org isolation, recall on both strategies, bad input.
+
+A module-scoped synthetic set (3,000 clustered 1536-dim vectors over four orgs of 50 %, 6 %,
+2 % and the rest) is copied in once as the owner and analysed, so the strategy choice is
+deterministic: the 2 % org is scanned exactly, the 50 % and 6 % orgs go through HNSW. The
+ground truth is numpy brute force.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import struct
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import peewee
+import psycopg2
+import pytest
+from conftest import TwoOrgs
+
+from tenantdb import knowledge
+from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase
+from tenantdb.embedder import HashingEmbedder
+from tenantdb.errors import MissingOrgError
+from tenantdb.knowledge import KnowledgeHit, add_knowledge, search_knowledge
+from tenantdb.models import EMBEDDING_DIMENSIONS, Destination, Embedding, KnowledgeItem
+from tenantdb.pytest_plugin import TestDatabase
+from tenantdb.tenancy import execute_scoped
+
+DIM = EMBEDDING_DIMENSIONS
+SIZES = {"large": 1500, "mid": 180, "small": 60, "rest": 1260}  # 50 %, 6 %, 2 %
+QUERIES = 12
+
+
+# -- the synthetic set -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    vectors: np.ndarray
+    org_of_row: np.ndarray
+    orgs: dict[str, uuid.UUID]
+    row_ids: list[uuid.UUID]
+    queries: np.ndarray
+
+    def rows_of(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.org_of_row == list(self.orgs).index(name))
+
+    def true_top(self, name: str, query: np.ndarray, k: int = 10) -> set[uuid.UUID]:
+        rows = self.rows_of(name)
+        best = rows[np.argsort(1.0 - self.vectors[rows] @ query)[:k]]
+        return {self.row_ids[i] for i in best}
+
+
+def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
+    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, DIM)) * 0.02
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tenantdb_database: TestDatabase) -> Iterator[Corpus]:
+    """Committed once for the module as the owner (COPY), analysed, deleted afterwards."""
+    rng = np.random.default_rng(6)
+    centres = rng.standard_normal((40, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    org_of_row = np.repeat(np.arange(len(SIZES)), list(SIZES.values()))
+    rng.shuffle(org_of_row)
+    data = Corpus(clustered(rng, centres, len(org_of_row)), org_of_row,
+                  {name: uuid.uuid4() for name in SIZES},
+                  [uuid.uuid4() for _ in org_of_row], clustered(rng, centres, QUERIES))
+    conn = psycopg2.connect(tenantdb_database.url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            _copy(cur, data)
+            cur.execute("ANALYZE embedding")
+        yield data
+    finally:
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM org WHERE id = ANY(%s::uuid[])",
+                        ([str(o) for o in data.orgs.values()],))
+            cur.execute("ANALYZE embedding")
+        conn.close()
+
+
+def _copy(cur: Any, data: Corpus) -> None:
+    orgs = list(data.orgs.values())
+    for name, org in data.orgs.items():
+        cur.execute("INSERT INTO org (id, name, slug) VALUES (%s, %s, %s)",
+                    (str(org), name, f"kn-{name}-{org.hex[:8]}"))
+    items = io.StringIO()
+    for i, row_id in enumerate(data.row_ids):  # one item per chunk, same id as the chunk
+        items.write(f"{orgs[data.org_of_row[i]]}\t{row_id}\tItem {i}\tsynthetic\n")
+    items.seek(0)
+    cur.copy_expert("COPY knowledge_item (org_id, id, title, content) FROM STDIN", items)
+    buf = io.BytesIO()
+    buf.write(b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0))
+    for i, vector in enumerate(data.vectors.astype(">f4")):
+        org, row_id = orgs[data.org_of_row[i]].bytes, data.row_ids[i].bytes
+        content = f"chunk {i}".encode()
+        buf.write(struct.pack("!h", 6) + struct.pack("!i", 16) + org
+                  + struct.pack("!i", 16) + row_id + struct.pack("!i", 16) + row_id
+                  + struct.pack("!i", len(content)) + content
+                  + struct.pack("!ihh", 4 + 4 * DIM, DIM, 0) + vector.tobytes()
+                  + struct.pack("!i", 4) + b"test")
+    buf.write(b"\xff\xff")
+    buf.seek(0)
+    cur.copy_expert("COPY embedding (org_id, id, knowledge_item_id, content, vector, model) "
+                    "FROM STDIN (FORMAT binary)", buf)
+
+
+def recall(corpus: Corpus, name: str, search: Any) -> float:
+    found = [len({h.embedding.id for h in search(q)} & corpus.true_top(name, q)) / 10
+             for q in corpus.queries]
+    return float(np.mean(found))
+
+
+# -- statement counting ----------------------------------------------------------------------
+
+
+class StatementLog(logging.Handler):
+    """The statements peewee sends from this thread (peewee logs each at DEBUG)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.statements: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.statements.append(str(record.msg))
+
+
+@pytest.fixture
+def sql_log() -> Iterator[StatementLog]:
+    logger = logging.getLogger("peewee")
+    log, level = StatementLog(), logger.level
+    logger.addHandler(log)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield log
+    finally:
+        logger.removeHandler(log)
+        logger.setLevel(level)
+
+
+def unit(seed: int) -> list[float]:
+    x = np.random.default_rng(seed).standard_normal(DIM)
+    return list(x / np.linalg.norm(x))
+
+
+def add_chunks(org: uuid.UUID, n: int, *, destination: Any = None, seed: int = 0
+               ) -> list[KnowledgeItem]:
+    """``n`` items of one chunk each, with fixed vectors (the same seeds in every org)."""
+    return [add_knowledge(org, f"Item {i}", f"chunk {i}", destination_id=destination,
+                          embedder=FixedEmbedder([unit(seed + i)])) for i in range(n)]
+
+
+class FixedEmbedder:
+    """Returns the vectors it was given, in order."""
+
+    def __init__(self, vectors: list[list[float]], dimensions: int = DIM) -> None:
+        self.vectors = vectors
+        self._dimensions = dimensions
+
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
+    @property
+    def name(self) -> str:
+        return "fixed"
+
+    def embed(self, texts: Any, /) -> list[list[float]]:
+        return self.vectors[: len(texts)]
+
+
+# -- result counts and isolation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stored", "k", "expected"), [(5, 10, 5), (10, 10, 10), (25, 10, 10),
+                                                       (25, 1, 1), (25, 25, 25)])
+def test_search_returns_k_hits_or_all_when_fewer(org_id: uuid.UUID, stored: int, k: int,
+                                                  expected: int) -> None:
+    add_chunks(org_id, stored)
+    hits = search_knowledge(org_id, unit(1000), k)
+    assert len(hits) == expected
+    assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+
+
+def test_search_of_an_org_without_embeddings_is_empty(org_id: uuid.UUID) -> None:
+    assert search_knowledge(org_id, unit(1)) == []
+
+
+def test_large_org_gets_exactly_k_hits_through_hnsw(corpus: Corpus, tenant_db: TenantDatabase,
+                                                     sql_log: StatementLog) -> None:
+    for name in ("large", "mid"):
+        for q in corpus.queries[:4]:
+            assert len(search_knowledge(corpus.orgs[name], q, 10)) == 10
+    assert any("hnsw.ef_search" in s for s in sql_log.statements)
+
+
+def test_twin_orgs_with_identical_vectors_see_only_their_own(two_orgs: TwoOrgs) -> None:
+    add_chunks(two_orgs.a, 12)
+    add_chunks(two_orgs.b, 12)
+    a_items = {i.id for i in KnowledgeItem.select(org_id=two_orgs.a)}
+    vector = knowledge._vector_literal(unit(3), "q")
+    for hits in (search_knowledge(two_orgs.a, unit(3), 20),
+                 knowledge._exact_search(two_orgs.a, vector, 20, None)):
+        assert {h.item.id for h in hits} == a_items
+        assert {h.embedding.org_id for h in hits} == {h.item.org_id for h in hits} == {two_orgs.a}
+        assert hits[0].distance == pytest.approx(0.0, abs=1e-6)
+    # The approximate path may come back short (the fallback covers that), never with B's.
+    hnsw = knowledge._hnsw_search(two_orgs.a, vector, 20, None)
+    assert hnsw and {h.item.id for h in hnsw} <= a_items
+    assert {h.embedding.org_id for h in hnsw} == {two_orgs.a}
+
+
+# -- recall on both strategies -------------------------------------------------------------------
+
+
+def test_small_org_is_scanned_exactly(corpus: Corpus, tenant_db: TenantDatabase,
+                                      sql_log: StatementLog) -> None:
+    org = corpus.orgs["small"]
+    assert recall(corpus, "small", lambda q: search_knowledge(org, q)) == 1.0
+    assert not any("hnsw.ef_search" in s for s in sql_log.statements)
+
+
+def test_exact_path_has_full_recall_on_a_large_org(corpus: Corpus,
+                                                   tenant_db: TenantDatabase) -> None:
+    org = corpus.orgs["large"]
+    assert recall(corpus, "large", lambda q: knowledge._exact_search(
+        org, knowledge._vector_literal(q, "q"), 10, None)) == 1.0
+
+
+@pytest.mark.parametrize("name", ["large", "mid"])
+def test_hnsw_path_recall_at_least_095(corpus: Corpus, tenant_db: TenantDatabase,
+                                       name: str) -> None:
+    org = corpus.orgs[name]
+    assert recall(corpus, name, lambda q: knowledge._hnsw_search(
+        org, knowledge._vector_literal(q, "q"), 10, None)) >= 0.95
+    assert recall(corpus, name, lambda q: search_knowledge(org, q)) >= 0.95
+
+
+def test_hnsw_ef_search_applies_on_a_fresh_connection(corpus: Corpus,
+                                                      tenantdb_database: TestDatabase) -> None:
+    # An HNSW scan yields at most ef_search candidates, half of them the large org's: 100
+    # hits prove that the setting, sent before pgvector's library is loaded in this new
+    # backend, reached the scan. The same statement tenantdb sends, on a new connection.
+    org, vector = str(corpus.orgs["large"]), knowledge._vector_literal(corpus.queries[0], "q")
+    conn = psycopg2.connect(tenantdb_database.url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(SCOPE_PREFIX_SQL + knowledge.HNSW_SQL,
+                        (APP_ROLE, org, "400", vector, org, vector, 100))
+            assert len(cur.fetchall()) == 100
+            cur.execute(SCOPE_PREFIX_SQL + knowledge.HNSW_SQL,
+                        (APP_ROLE, org, "40", vector, org, vector, 100))
+            assert len(cur.fetchall()) <= 40  # the control: the default caps the candidates
+    finally:
+        conn.close()
+
+
+def test_hnsw_statement_uses_the_index_and_exact_does_not(corpus: Corpus,
+                                                          tenant_db: TenantDatabase) -> None:
+    org, vector = corpus.orgs["large"], knowledge._vector_literal(corpus.queries[0], "q")
+    hnsw = _plan(org, knowledge.HNSW_SQL.replace("true); SELECT", "true); EXPLAIN SELECT"),
+                 ("400", vector, org, vector, 10))
+    exact = _plan(org, "EXPLAIN " + knowledge.EXACT_SQL, (vector, org, 10))
+    small = corpus.orgs["small"]
+    exact_small = _plan(small, "EXPLAIN " + knowledge.EXACT_SQL, (vector, small, 10))
+    assert "Index Scan using embedding_vector_hnsw_idx" in hnsw
+    assert "embedding_vector_hnsw_idx" not in exact  # half the table: may well be a seq scan
+    # Either index leading with org_id serves: the primary key or (org_id, item, chunk).
+    assert "embedding_pkey" in exact_small or "embedding_org_item_chunk_key" in exact_small
+
+
+def _plan(org: uuid.UUID, sql: str, params: tuple[Any, ...]) -> str:
+    return "\n".join(row[0] for row in execute_scoped(org, sql, params).fetchall())
+
+
+def test_short_hnsw_result_falls_back_to_exact(corpus: Corpus, tenant_db: TenantDatabase,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               sql_log: StatementLog) -> None:
+    # ef_search 10 leaves the large org about 5 candidates: the exact scan must take over.
+    monkeypatch.setattr(knowledge, "HNSW_EF_SEARCH", 10)
+    monkeypatch.setattr(knowledge, "HNSW_EF_SEARCH_MAX", 10)
+    org = corpus.orgs["large"]
+    assert recall(corpus, "large", lambda q: search_knowledge(org, q)) == 1.0
+    ran = [s for s in sql_log.statements if "ORDER BY" in s]
+    assert len(ran) == 2 * QUERIES  # per query: the HNSW statement, then the exact one
+    assert all("hnsw.ef_search" in s for s in ran[::2])
+    assert not any("hnsw.ef_search" in s for s in ran[1::2])
+
+
+def test_threshold_is_injectable(corpus: Corpus, tenant_db: TenantDatabase,
+                                 monkeypatch: pytest.MonkeyPatch,
+                                 sql_log: StatementLog) -> None:
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_FRACTION", 1.0)
+    assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
+    assert not any("hnsw.ef_search" in s for s in sql_log.statements)
+
+
+# -- destination filter ----------------------------------------------------------------------
+
+
+def test_destination_filter_keeps_only_its_items(org_id: uuid.UUID) -> None:
+    lisbon = Destination.create(org_id=org_id, name="Lisbon")
+    porto = Destination.create(org_id=org_id, name="Porto")
+    in_lisbon = {i.id for i in add_chunks(org_id, 6, destination=lisbon.id, seed=0)}
+    add_chunks(org_id, 20, destination=porto.id, seed=100)
+    add_chunks(org_id, 20, seed=200)
+    vector = knowledge._vector_literal(unit(150), "q")
+    for hits in (search_knowledge(org_id, unit(150), 10, destination_id=lisbon.id),
+                 search_knowledge(org_id, unit(150), 10, destination_id=str(lisbon.id)),
+                 knowledge._exact_search(org_id, vector, 10, lisbon.id)):
+        assert {h.item.id for h in hits} == in_lisbon
+        assert {h.item.destination_id for h in hits} == {lisbon.id}
+    hnsw = knowledge._hnsw_search(org_id, vector, 10, lisbon.id)
+    assert {h.item.id for h in hnsw} <= in_lisbon
+    assert len(search_knowledge(org_id, unit(150), 10, destination_id=porto.id)) == 10
+
+
+def test_destination_of_another_org_finds_nothing(two_orgs: TwoOrgs) -> None:
+    elsewhere = Destination.create(org_id=two_orgs.b, name="Lisbon")
+    add_chunks(two_orgs.b, 3, destination=elsewhere.id)
+    add_chunks(two_orgs.a, 3)
+    assert search_knowledge(two_orgs.a, unit(0), destination_id=elsewhere.id) == []
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+GOOD = unit(7)
+BAD_SEARCHES = {
+    "short vector": dict(query_vector=GOOD[:-1]),
+    "long vector": dict(query_vector=[*GOOD, 0.0]),
+    "NaN": dict(query_vector=[math.nan, *GOOD[1:]]),
+    "infinity": dict(query_vector=[*GOOD[:-1], math.inf]),
+    "beyond float32": dict(query_vector=[1e39, *GOOD[1:]]),
+    "zero vector": dict(query_vector=[0.0] * DIM),
+    "text vector": dict(query_vector="[1, 2, 3]"),
+    "text items": dict(query_vector=[str(x) for x in GOOD]),
+    "no vector": dict(query_vector=None),
+    "k zero": dict(k=0),
+    "k negative": dict(k=-1),
+    "k too large": dict(k=1001),
+    "k float": dict(k=2.0),
+    "k bool": dict(k=True),
+    "destination not a uuid": dict(destination_id="lisbon"),
+    "destination int": dict(destination_id=7),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_SEARCHES.values(), ids=BAD_SEARCHES.keys())
+def test_bad_search_input_raises_before_sql(org_id: uuid.UUID, sql_log: StatementLog,
+                                            bad: dict[str, Any]) -> None:
+    args = {"query_vector": GOOD, "k": 10, "destination_id": None, **bad}
+    with pytest.raises(ValueError):
+        search_knowledge(org_id, args["query_vector"], args["k"],
+                         destination_id=args["destination_id"])
+    assert sql_log.statements == []
+
+
+@pytest.mark.parametrize("org", [None, "", 0, "not-a-uuid"])
+def test_bad_org_raises_missing_org_before_sql(tenant_db: TenantDatabase, sql_log: StatementLog,
+                                               org: Any) -> None:
+    with pytest.raises(MissingOrgError):
+        search_knowledge(org, GOOD)
+    with pytest.raises(MissingOrgError):
+        add_knowledge(org, "t", "c")
+    assert sql_log.statements == []
+
+
+def test_numpy_query_vector_is_accepted(org_id: uuid.UUID) -> None:
+    add_chunks(org_id, 3)
+    assert len(search_knowledge(org_id, np.asarray(unit(1), dtype=np.float32), 2)) == 2
+
+
+BAD_ADDS = {
+    "embedder of another dimension": dict(embedder=HashingEmbedder(384)),
+    "embedder returning NaN": dict(embedder=FixedEmbedder([[math.nan] * DIM])),
+    "embedder returning too few": dict(embedder=FixedEmbedder([]), chunks=["a", "b"]),
+    "no chunks": dict(chunks=[]),
+    "chunks as one string": dict(chunks="abc"),
+    "non-text chunk": dict(chunks=["a", 3]),
+    "destination not a uuid": dict(destination_id="lisbon"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_ADDS.values(), ids=BAD_ADDS.keys())
+def test_bad_add_input_raises_before_sql(org_id: uuid.UUID, sql_log: StatementLog,
+                                         bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        add_knowledge(org_id, "Title", "Content", **bad)
+    assert sql_log.statements == []
+
+
+# -- add_knowledge -----------------------------------------------------------------------------
+
+
+def test_add_knowledge_round_trip_with_the_hashing_embedder(org_id: uuid.UUID) -> None:
+    lisbon = Destination.create(org_id=org_id, name="Lisbon")
+    embedder = HashingEmbedder()
+    chunks = ["Tram 28 climbs through Alfama", "Pasteis de nata in Belem",
+              "Sunset at the Miradouro da Senhora do Monte"]
+    item = add_knowledge(org_id, "Lisbon tips", " ".join(chunks), destination_id=lisbon.id,
+                         chunks=chunks, embedder=embedder, source_url="https://example.com",
+                         metadata={"lang": "en"})
+
+    stored = list(Embedding.select(org_id=org_id).order_by(Embedding.chunk_index))
+    assert [(e.chunk_index, e.content, e.model) for e in stored] == [
+        (i, c, embedder.name) for i, c in enumerate(chunks)]
+    hits = search_knowledge(org_id, embedder.embed(["Pasteis de nata in Belem"])[0], 3)
+    assert isinstance(hits[0], KnowledgeHit)
+    assert hits[0].embedding.content == "Pasteis de nata in Belem"
+    assert hits[0].distance == pytest.approx(0.0, abs=1e-6)
+    assert hits[0].embedding.vector is None
+    got = hits[0].item
+    assert (got.id, got.title, got.destination_id, got.source_url, got.metadata) == (
+        item.id, "Lisbon tips", lisbon.id, "https://example.com", {"lang": "en"})
+    assert {h.embedding.chunk_index for h in hits} == {0, 1, 2}
+
+
+def test_add_knowledge_defaults_to_one_chunk_of_the_content(org_id: uuid.UUID) -> None:
+    item = add_knowledge(org_id, "Title", "All of it")
+    assert [(e.content, e.chunk_index) for e in item.embeddings] == [("All of it", 0)]
+
+
+class NamelessEmbedder(FixedEmbedder):
+    """Valid vectors, but no model name: the embeddings' INSERT fails after the item's."""
+
+    @property
+    def name(self) -> Any:
+        return None
+
+
+def test_add_knowledge_is_one_transaction(org_id: uuid.UUID) -> None:
+    with pytest.raises(peewee.IntegrityError):
+        add_knowledge(org_id, "Title", "Content", embedder=NamelessEmbedder([unit(1)]))
+    assert KnowledgeItem.select(org_id=org_id).count() == 0
+
+
+def test_add_knowledge_refuses_a_destination_of_another_org(two_orgs: TwoOrgs) -> None:
+    elsewhere = Destination.create(org_id=two_orgs.b, name="Lisbon")
+    with pytest.raises(peewee.IntegrityError):
+        add_knowledge(two_orgs.a, "Title", "Content", destination_id=elsewhere.id)
+    assert KnowledgeItem.select(org_id=two_orgs.a).count() == 0
