@@ -27,24 +27,19 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import struct
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import psycopg2
+from _scratch import scratch_database
 
-from tenantdb import db, embedded, migrate
+from tenantdb import db, migrate
 from tenantdb.knowledge import search_knowledge
-from tenantdb.settings import get_settings
 
 DIM = 1536
 K = 10
@@ -277,44 +272,6 @@ def _literal(q: Any) -> str:
     return "[" + ",".join(f"{x:.9g}" for x in q) + "]"
 
 
-# -- scratch database ----------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_database(keep: bool) -> Iterator[str]:
-    home = None
-    server = get_settings().database_url
-    if server is None:
-        home = Path(tempfile.mkdtemp(prefix="tdb-bench-"))
-        embedded.start(home)
-        # The table (~700 MB inline vectors) and its index should fit in shared buffers,
-        # as they would on a sized server; the embedded default is 128 MB.
-        admin(embedded.start(home).database_url, "ALTER SYSTEM SET shared_buffers = '2GB'")
-        embedded.stop(home)
-        server = embedded.start(home).database_url
-    name = f"tenantdb_bench_{uuid.uuid4().hex[:8]}"
-    admin(server, f"CREATE DATABASE {name}")
-    try:
-        yield urlsplit(server)._replace(path=f"/{name}").geturl()
-    finally:
-        db.close()
-        if keep:
-            print(f"kept {name} on {server}")
-        else:
-            admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        if home is not None and not keep:
-            embedded.stop(home)
-            shutil.rmtree(home, ignore_errors=True)
-
-
-def admin(url: str, statement: str) -> None:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(statement)
-    conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -325,7 +282,9 @@ def main() -> None:
     data = make_data(args.rows, args.queries)
     print(f"generated {args.rows} x {DIM} vectors: {time.perf_counter() - start:.1f} s",
           flush=True)
-    with scratch_database(args.keep) as url:
+    # The table (~700 MB of inline vectors) and its index should fit in shared buffers, as
+    # they would on a sized server.
+    with scratch_database(shared_buffers="2GB", keep=args.keep) as url:
         migrate.migrate(url)
         load(url, data)
         cells = measure(url, data)

@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import psycopg2
 import psycopg2.extras
+from _scratch import scratch_database
 from peewee import CompositeKey, Model, TextField, UUIDField
 from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField, PooledPostgresqlExtDatabase
 
-from tenantdb import db, embedded, migrate
+from tenantdb import db, migrate
 from tenantdb.models import Destination
-from tenantdb.settings import get_settings
 
 
 class PlainDestination(Model):
@@ -58,33 +54,6 @@ RAW_GET_SQL = ("SELECT org_id, id, name, country, description, metadata, created
 RAW_PAGE_SQL = ("SELECT org_id, id, name, country, description, metadata, created_at, "
                 "updated_at FROM destination WHERE org_id = %s ORDER BY created_at DESC "
                 "LIMIT 20")
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    home = None
-    server = get_settings().database_url
-    if server is None:
-        home = Path(tempfile.mkdtemp(prefix="tdb-bench-"))
-        server = embedded.start(home).database_url
-    name = f"tenantdb_bench_{uuid.uuid4().hex[:8]}"
-    admin(server, f"CREATE DATABASE {name}")
-    try:
-        yield urlsplit(server)._replace(path=f"/{name}").geturl()
-    finally:
-        db.close()
-        admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        if home is not None:
-            embedded.stop(home)
-            shutil.rmtree(home, ignore_errors=True)
-
-
-def admin(url: str, statement: str) -> None:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(statement)
-    conn.close()
 
 
 def load(url: str, rows: int, orgs: int) -> list[tuple[uuid.UUID, uuid.UUID]]:

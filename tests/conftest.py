@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,3 +57,30 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+class StatementLog(logging.Handler):
+    """The statements peewee sends from this thread (peewee logs each at DEBUG)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.statements: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.statements.append(str(record.msg))
+
+
+@pytest.fixture
+def sql_log() -> Iterator[StatementLog]:
+    """Every statement the test's thread sends, in order."""
+    logger = logging.getLogger("peewee")
+    log, level = StatementLog(), logger.level
+    logger.addHandler(log)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield log
+    finally:
+        logger.removeHandler(log)
+        logger.setLevel(level)

@@ -7,13 +7,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import TwoOrgs
+from conftest import StatementLog, TwoOrgs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,32 +53,6 @@ THREADS = 8
 
 
 # HELPERS
-
-
-class StatementCounter(logging.Handler):
-    """Counts the statements peewee sends from one thread (peewee logs each at DEBUG)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.thread = threading.get_ident()
-        self.statements: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.statements.append(str(record.msg))
-
-
-@pytest.fixture
-def sql_log() -> Iterator[StatementCounter]:
-    logger = logging.getLogger("peewee")
-    counter, level = StatementCounter(), logger.level
-    logger.addHandler(counter)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield counter
-    finally:
-        logger.removeHandler(counter)
-        logger.setLevel(level)
 
 
 def make_user(org_id: uuid.UUID) -> uuid.UUID:
@@ -414,7 +388,7 @@ def test_a_json_body_round_trips_exactly(org_id: uuid.UUID, user_id: uuid.UUID,
 
 
 def test_a_body_with_nul_is_refused_before_sql(org_id: uuid.UUID, user_id: uuid.UUID,
-                                              sql_log: StatementCounter) -> None:
+                                              sql_log: StatementLog) -> None:
     with pytest.raises(ValueError, match="U\\+0000"):
         mark_completed(new_key(), org_id=org_id, user_id=user_id, body_hash=BODY,
                        response_body={"a": "x\x00y"})
@@ -471,7 +445,7 @@ def _calls(org: Any, user: Any, key: Any) -> list[ValidCall]:
 
 @pytest.mark.parametrize("key", BAD_KEYS, ids=repr)
 def test_a_bad_key_raises_before_sql(org_id: uuid.UUID, user_id: uuid.UUID, key: Any,
-                                     sql_log: StatementCounter) -> None:
+                                     sql_log: StatementLog) -> None:
     for call in _calls(org_id, user_id, key):
         with pytest.raises(ValueError, match="printable ASCII"):
             call()
@@ -487,7 +461,7 @@ def test_a_key_of_255_printable_characters_is_accepted(org_id: uuid.UUID,
 
 @pytest.mark.parametrize("org", [None, "", 0, "not-a-uuid"], ids=repr)
 def test_a_bad_org_raises_before_sql(user_id: uuid.UUID, org: Any,
-                                     sql_log: StatementCounter) -> None:
+                                     sql_log: StatementLog) -> None:
     for call in _calls(org, user_id, new_key()):
         with pytest.raises(MissingOrgError):
             call()
@@ -496,7 +470,7 @@ def test_a_bad_org_raises_before_sql(user_id: uuid.UUID, org: Any,
 
 @pytest.mark.parametrize("user", [None, "", "not-a-uuid", 7], ids=repr)
 def test_a_bad_user_raises_before_sql(org_id: uuid.UUID, user: Any,
-                                      sql_log: StatementCounter) -> None:
+                                      sql_log: StatementLog) -> None:
     for call in _calls(org_id, user, new_key()):
         with pytest.raises(ValueError, match="user_id"):
             call()
@@ -518,7 +492,7 @@ def test_a_bad_user_raises_before_sql(org_id: uuid.UUID, user: Any,
     ],
 )
 def test_bad_claim_arguments_raise_before_sql(org_id: uuid.UUID, user_id: uuid.UUID,
-                                              sql_log: StatementCounter,
+                                              sql_log: StatementLog,
                                               arguments: dict[str, Any], message: str) -> None:
     call: dict[str, Any] = {"org_id": org_id, "user_id": user_id, "body_hash": BODY,
                             **arguments}
@@ -533,7 +507,7 @@ def test_bad_claim_arguments_raise_before_sql(org_id: uuid.UUID, user_id: uuid.U
      ({"response_body": {1, 2}}, "not JSON"), ({"response_body": float("nan")}, "not JSON")],
 )
 def test_bad_results_raise_before_sql(org_id: uuid.UUID, user_id: uuid.UUID,
-                                      sql_log: StatementCounter,
+                                      sql_log: StatementLog,
                                       arguments: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mark_completed(new_key(), org_id=org_id, user_id=user_id, body_hash=BODY, **arguments)
@@ -541,7 +515,7 @@ def test_bad_results_raise_before_sql(org_id: uuid.UUID, user_id: uuid.UUID,
 
 
 def test_save_result_needs_an_aware_ttl_and_a_known_status(
-    org_id: uuid.UUID, user_id: uuid.UUID, sql_log: StatementCounter
+    org_id: uuid.UUID, user_id: uuid.UUID, sql_log: StatementLog
 ) -> None:
     naive = datetime.now() + timedelta(hours=1)  # naive: the mistake under test
     with pytest.raises(ValueError, match="timezone-aware"):
@@ -557,7 +531,7 @@ def test_save_result_needs_an_aware_ttl_and_a_known_status(
 
 
 def test_begin_is_one_statement_whatever_the_outcome(org_id: uuid.UUID, user_id: uuid.UUID,
-                                                    sql_log: StatementCounter) -> None:
+                                                    sql_log: StatementLog) -> None:
     key = new_key()
     outcomes = [begin(key, org_id=org_id, user_id=user_id, body_hash=BODY).outcome,
                 begin(key, org_id=org_id, user_id=user_id, body_hash=BODY).outcome,
@@ -573,7 +547,7 @@ def test_begin_is_one_statement_whatever_the_outcome(org_id: uuid.UUID, user_id:
 
 @pytest.mark.parametrize("call", ["mark_completed", "mark_error", "get_entry"])
 def test_each_store_call_is_one_statement(org_id: uuid.UUID, user_id: uuid.UUID,
-                                          sql_log: StatementCounter, call: str) -> None:
+                                          sql_log: StatementLog, call: str) -> None:
     key = new_key()
     begin(key, org_id=org_id, user_id=user_id, body_hash=BODY)
     sql_log.statements.clear()
@@ -588,7 +562,7 @@ def test_each_store_call_is_one_statement(org_id: uuid.UUID, user_id: uuid.UUID,
 
 
 def test_a_statement_sets_the_org_in_the_same_round_trip(org_id: uuid.UUID, user_id: uuid.UUID,
-                                                         sql_log: StatementCounter) -> None:
+                                                         sql_log: StatementLog) -> None:
     begin(new_key(), org_id=org_id, user_id=user_id, body_hash=BODY)
     (statement,) = sql_log.statements
     assert "set_config('tenantdb.org_id'" in statement

@@ -9,10 +9,8 @@ ground truth is numpy brute force.
 from __future__ import annotations
 
 import io
-import logging
 import math
 import struct
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import numpy as np
 import peewee
 import psycopg2
 import pytest
-from conftest import TwoOrgs
+from conftest import StatementLog, TwoOrgs
 
 from tenantdb import knowledge
 from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase
@@ -119,35 +117,6 @@ def recall(corpus: Corpus, name: str, search: Any) -> float:
     found = [len({h.embedding.id for h in search(q)} & corpus.true_top(name, q)) / 10
              for q in corpus.queries]
     return float(np.mean(found))
-
-
-# -- statement counting ----------------------------------------------------------------------
-
-
-class StatementLog(logging.Handler):
-    """The statements peewee sends from this thread (peewee logs each at DEBUG)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.thread = threading.get_ident()
-        self.statements: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.statements.append(str(record.msg))
-
-
-@pytest.fixture
-def sql_log() -> Iterator[StatementLog]:
-    logger = logging.getLogger("peewee")
-    log, level = StatementLog(), logger.level
-    logger.addHandler(log)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield log
-    finally:
-        logger.removeHandler(log)
-        logger.setLevel(level)
 
 
 def unit(seed: int) -> list[float]:
