@@ -313,9 +313,8 @@ class _Walk:
         return None
 
     def subqueries(self, clauses: Iterable[Any], scope: _Scope) -> None:
-        for clause in clauses:
-            for sub in _subqueries(clause, self):
-                self.query(sub, scope)
+        for sub in _subqueries(list(clauses), self):
+            self.query(sub, scope)
 
     def raw_text(self, sql: str) -> None:
         table = mentions_tenant_table(sql)
@@ -415,27 +414,32 @@ def _org_of_row(row: Any, columns: list[str | None], table: str) -> uuid.UUID:
     raise MissingOrgError(f"INSERT INTO {table} needs org_id in every row")
 
 
-def _subqueries(node: Any, walk: _Walk) -> Iterator[Any]:
-    """Queries nested anywhere in an expression tree (not descending into them)."""
-    if isinstance(node, _LEAVES):  # the common case (selected columns): nothing inside
-        return
-    if isinstance(node, (SelectBase, Update, Delete, Insert)):
-        yield node
-    elif isinstance(node, SQL):
-        walk.raw_text(node.sql)
-    elif isinstance(node, (list, tuple)):
-        for item in node:
-            yield from _subqueries(item, walk)
-    elif isinstance(node, Expression):
-        yield from _subqueries(node.lhs, walk)
-        yield from _subqueries(node.rhs, walk)
-    elif isinstance(node, NodeList):
-        yield from _subqueries(node.nodes, walk)
-    elif isinstance(node, Function):
-        yield from _subqueries(node.arguments, walk)
-    elif isinstance(node, WrappedNode):
-        yield from _subqueries(node.node, walk)
-    elif isinstance(node, Case):
-        yield from _subqueries([node.predicate, node.expression_tuples, node.default], walk)
-    elif isinstance(node, Value) and isinstance(node.value, (list, tuple)):
-        yield from _subqueries(list(node.value), walk)
+def _subqueries(root: Any, walk: _Walk) -> list[Any]:
+    """Queries nested anywhere in an expression tree (not descending into them).
+
+    An explicit stack rather than recursive generators: this runs on every statement.
+    """
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _LEAVES):  # the common case (selected columns): nothing inside
+            continue
+        if isinstance(node, (SelectBase, Update, Delete, Insert)):
+            found.append(node)
+        elif isinstance(node, SQL):
+            walk.raw_text(node.sql)
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, Expression):
+            stack += (node.lhs, node.rhs)
+        elif isinstance(node, NodeList):
+            stack.extend(node.nodes)
+        elif isinstance(node, Function):
+            stack.extend(node.arguments or ())
+        elif isinstance(node, WrappedNode):
+            stack.append(node.node)
+        elif isinstance(node, Case):
+            stack += (node.predicate, list(node.expression_tuples), node.default)
+        elif isinstance(node, Value) and isinstance(node.value, (list, tuple)):
+            stack.extend(node.value)
+    return found
