@@ -34,7 +34,7 @@ lint: $(STAMP)
 check: lint test
 
 bench: $(STAMP)
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	@for script in bench/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 dev-down: $(STAMP)
 	$(BIN)/tenantdb dev down
