@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tenantdb",
-        description="tenantdb: migrations, seeds, reports and embedded servers for dev.",
+        description="tenantdb: migrations, seeds, schema checks, retention, reports, dev servers.",
     )
     sub = parser.add_subparsers(dest="command")
 

@@ -552,9 +552,10 @@ def prefetch(query: Any, *related: Any) -> list[Any]:
 
 def _find_relation(model: type[TenantModel], loaded: list[tuple[type[TenantModel], list[Any]]]
                    ) -> tuple[TenantForeignKey, list[Any]]:
-    for loaded_model, rows in reversed(loaded):
-        for fk in _foreign_keys(model, loaded_model) + _foreign_keys(loaded_model, model):
-            return fk, rows
+    for loaded_model, rows in reversed(loaded):  # the nearest loaded model first
+        links = _foreign_keys(model, loaded_model) + _foreign_keys(loaded_model, model)
+        if links:
+            return links[0], rows
     raise ValueError(f"prefetch(): no TenantForeignKey links {model.__name__} to the query")
 
 
