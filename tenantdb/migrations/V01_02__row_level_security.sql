@@ -36,154 +36,30 @@ GRANT tenantdb_app TO CURRENT_USER;
 GRANT USAGE ON SCHEMA public TO tenantdb_app, tenantdb_admin;
 GRANT SELECT, INSERT, UPDATE, DELETE ON org TO tenantdb_app, tenantdb_admin;
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON app_user TO tenantdb_app, tenantdb_admin;
-ALTER TABLE app_user ENABLE ROW LEVEL SECURITY;
-ALTER TABLE app_user FORCE ROW LEVEL SECURITY;
+-- The same grants and the same two policies on every tenant table.
 DO $$
+DECLARE
+    tbl text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'app_user' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON app_user FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'app_user' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON app_user FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON refresh_token TO tenantdb_app, tenantdb_admin;
-ALTER TABLE refresh_token ENABLE ROW LEVEL SECURITY;
-ALTER TABLE refresh_token FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'refresh_token' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON refresh_token FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'refresh_token' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON refresh_token FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON destination TO tenantdb_app, tenantdb_admin;
-ALTER TABLE destination ENABLE ROW LEVEL SECURITY;
-ALTER TABLE destination FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'destination' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON destination FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'destination' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON destination FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON knowledge_item TO tenantdb_app, tenantdb_admin;
-ALTER TABLE knowledge_item ENABLE ROW LEVEL SECURITY;
-ALTER TABLE knowledge_item FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'knowledge_item' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON knowledge_item FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'knowledge_item' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON knowledge_item FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON embedding TO tenantdb_app, tenantdb_admin;
-ALTER TABLE embedding ENABLE ROW LEVEL SECURITY;
-ALTER TABLE embedding FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'embedding' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON embedding FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'embedding' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON embedding FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON agent_run TO tenantdb_app, tenantdb_admin;
-ALTER TABLE agent_run ENABLE ROW LEVEL SECURITY;
-ALTER TABLE agent_run FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'agent_run' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON agent_run FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'agent_run' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON agent_run FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON itinerary TO tenantdb_app, tenantdb_admin;
-ALTER TABLE itinerary ENABLE ROW LEVEL SECURITY;
-ALTER TABLE itinerary FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'itinerary' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON itinerary FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'itinerary' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON itinerary FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
-END
-$$;
-
-GRANT SELECT, INSERT, UPDATE, DELETE ON idempotency_key TO tenantdb_app, tenantdb_admin;
-ALTER TABLE idempotency_key ENABLE ROW LEVEL SECURITY;
-ALTER TABLE idempotency_key FORCE ROW LEVEL SECURITY;
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'idempotency_key' AND policyname = 'tenant_isolation') THEN
-        CREATE POLICY tenant_isolation ON idempotency_key FOR ALL TO tenantdb_app
-            USING (org_id = current_setting('tenantdb.org_id')::uuid)
-            WITH CHECK (org_id = current_setting('tenantdb.org_id')::uuid);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_policies
-                   WHERE tablename = 'idempotency_key' AND policyname = 'cross_org_admin') THEN
-        CREATE POLICY cross_org_admin ON idempotency_key FOR ALL TO tenantdb_admin
-            USING (true) WITH CHECK (true);
-    END IF;
+    FOREACH tbl IN ARRAY ARRAY['app_user', 'refresh_token', 'destination', 'knowledge_item',
+                               'embedding', 'agent_run', 'itinerary', 'idempotency_key']
+    LOOP
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I '
+                       'TO tenantdb_app, tenantdb_admin', tbl);
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', tbl);
+        EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', tbl);
+        IF NOT EXISTS (SELECT 1 FROM pg_policies
+                       WHERE tablename = tbl AND policyname = 'tenant_isolation') THEN
+            EXECUTE format(
+                'CREATE POLICY tenant_isolation ON %I FOR ALL TO tenantdb_app '
+                'USING (org_id = current_setting(''tenantdb.org_id'')::uuid) '
+                'WITH CHECK (org_id = current_setting(''tenantdb.org_id'')::uuid)', tbl);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_policies
+                       WHERE tablename = tbl AND policyname = 'cross_org_admin') THEN
+            EXECUTE format('CREATE POLICY cross_org_admin ON %I FOR ALL TO tenantdb_admin '
+                           'USING (true) WITH CHECK (true)', tbl);
+        END IF;
+    END LOOP;
 END
 $$;
