@@ -14,9 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psycopg2
-
 from tenantdb import db, embedded
+from tenantdb.db import execute_once as admin
 from tenantdb.settings import get_settings
 
 
@@ -50,14 +49,3 @@ def scratch_database(*, shared_buffers: str | None = None, keep: bool = False) -
             if home is not None:
                 embedded.stop(home)
                 shutil.rmtree(home, ignore_errors=True)
-
-
-def admin(url: str, statement: str) -> None:
-    """Run one statement as the URL's login, outside a transaction."""
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()

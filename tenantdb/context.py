@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from .errors import MissingOrgError
 
-__all__ = ["OrgLike", "cross_org", "cross_org_reason", "require_org"]
+__all__ = ["OrgLike", "cross_org", "cross_org_reason", "parse_uuid", "require_org"]
 
 OrgLike = uuid.UUID | str
 
@@ -30,17 +30,27 @@ def require_org(org_id: object, where: str) -> uuid.UUID:
     :param where: what needs the org, for the message (``"Destination.select()"``).
     :raises MissingOrgError: ``None``, ``""``, ``0``, or anything that is not a UUID.
     """
-    if isinstance(org_id, uuid.UUID):
-        return org_id
+    org = parse_uuid(org_id)
+    if org is not None:
+        return org
     if isinstance(org_id, str) and org_id:
-        try:
-            return uuid.UUID(org_id)
-        except ValueError:
-            raise MissingOrgError(f"{where}: org_id={org_id!r} is not a UUID") from None
+        raise MissingOrgError(f"{where}: org_id={org_id!r} is not a UUID")
     raise MissingOrgError(
         f"{where} needs org_id=...: pass the org, or use cross_org(reason) for admin work"
         + ("" if org_id is None else f" (got {org_id!r})")
     )
+
+
+def parse_uuid(value: object) -> uuid.UUID | None:
+    """``value`` as a UUID (a UUID, or its text form), else ``None``."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            return None
+    return None
 
 
 @contextmanager

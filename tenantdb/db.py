@@ -12,6 +12,7 @@ import psycopg2
 from peewee import BaseQuery, RawQuery
 from playhouse.db_url import parse as parse_db_url
 from playhouse.postgres_ext import PooledPostgresqlExtDatabase
+from psycopg2 import sql
 
 from .context import cross_org_reason
 from .errors import ConfigurationError, UnscopedQueryError
@@ -26,6 +27,7 @@ __all__ = [
     "connect",
     "database",
     "database_url",
+    "execute_once",
     "is_connected",
 ]
 
@@ -177,6 +179,18 @@ def connect(url: str | None = None, /, *, role: str | None = APP_ROLE) -> Tenant
         **kwargs,
     )
     return database
+
+
+def execute_once(url: str, statement: str | sql.Composable, /) -> None:
+    """Run one statement on a connection of its own, outside any transaction, as the URL's
+    login: administration the pool must not do (``CREATE DATABASE``, ``TRUNCATE``)."""
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
 
 
 def is_connected() -> bool:

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import peewee
 from psycopg2.extras import Json
 
+from .context import OrgLike, parse_uuid, require_org
 from .db import database
 from .errors import (
     ClaimInTransactionError,
@@ -41,7 +42,7 @@ from .errors import (
     KeyNotClaimedError,
     UnknownUserError,
 )
-from .tenancy import OrgLike, execute_scoped, require_org
+from .tenancy import execute_scoped
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -623,13 +624,9 @@ def _check_key(key: object, where: str) -> None:
 
 
 def _check_user(user_id: object, where: str) -> uuid.UUID:
-    if isinstance(user_id, uuid.UUID):
-        return user_id
-    if isinstance(user_id, str):
-        try:
-            return uuid.UUID(user_id)
-        except ValueError:
-            pass
+    user = parse_uuid(user_id)
+    if user is not None:
+        return user
     raise ValueError(f"{where}: user_id={user_id!r} is not a UUID; pass the user's id")
 
 

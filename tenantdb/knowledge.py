@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .context import OrgLike, require_org
+from .context import OrgLike, parse_uuid, require_org
 from .db import database
 from .embedder import Embedder, default_embedder
 from .models import EMBEDDING_DIMENSIONS, Embedding, KnowledgeItem
@@ -323,13 +323,9 @@ def _check_k(k: object) -> None:
 
 
 def _optional_uuid(value: object, name: str) -> uuid.UUID | None:
-    if value is None or isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
+    parsed = parse_uuid(value)
+    if value is None or parsed is not None:
+        return parsed
     raise ValueError(f"{name} must be a UUID or None, got {value!r}")
 
 

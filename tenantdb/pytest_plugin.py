@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 import redis
 from psycopg2 import sql
 
 from . import db, embedded, migrate
+from .db import execute_once
 from .idempotency import allow_claims_in_transaction
 from .models import Org
 from .redis_client import redis_client
@@ -110,7 +110,7 @@ def tenantdb_database(_tenantdb_servers: _Servers) -> Iterator[TestDatabase]:
     :data:`tenantdb.db.database` and dropped at the end (~0.3 s once per session)."""
     server_url = _tenantdb_servers.postgres_url
     name = TEST_DB_PREFIX + uuid.uuid4().hex[:12]
-    _admin(server_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    execute_once(server_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = _with_database(server_url, name)
     access = _Access()
     try:
@@ -122,7 +122,7 @@ def tenantdb_database(_tenantdb_servers: _Servers) -> Iterator[TestDatabase]:
     finally:
         db.database.access_guard = None
         db.close()
-        _admin(server_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        execute_once(server_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                .format(sql.Identifier(name)))
 
 
@@ -160,7 +160,7 @@ def tenantdb_committed(tenantdb_database: TestDatabase) -> Iterator[db.TenantDat
         yield db.database
     finally:
         db.close()
-        _admin(tenantdb_database.url, sql.SQL(TRUNCATE_ALL_SQL))
+        execute_once(tenantdb_database.url, sql.SQL(TRUNCATE_ALL_SQL))
         access.everyone = False
 
 
@@ -200,16 +200,6 @@ def _guard() -> _Access:
     if not isinstance(access, _Access):
         raise RuntimeError("tenantdb_database is not set up")
     return access
-
-
-def _admin(url: str, statement: sql.Composable | str) -> None:
-    conn = psycopg2.connect(url)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
 
 
 def _with_database(url: str, name: str) -> str:

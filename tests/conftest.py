@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 from psycopg2 import sql
 
+from tenantdb.db import execute_once as admin_execute
 from tenantdb.models import Org
 from tenantdb.pytest_plugin import TestDatabase
-from tenantdb.pytest_plugin import _admin as admin_execute  # one statement as the owner
 
 pytest_plugins = ["pytester"]
 
