@@ -82,7 +82,9 @@ def register_tenant_table(name: str) -> None:
     global _tenant_table_re
     TENANT_TABLES.add(name)
     names = "|".join(sorted(map(re.escape, TENANT_TABLES)))
-    _tenant_table_re = re.compile(rf'(?<![\w$."])"?({names})"?(?![\w$])', re.IGNORECASE)
+    # Cautious on purpose: a schema-qualified or quoted name matches too, and a column that
+    # happened to share a table's name would be refused rather than let through.
+    _tenant_table_re = re.compile(rf'(?<![\w$])"?({names})"?(?![\w$])', re.IGNORECASE)
 
 
 def mentions_tenant_table(sql: str) -> str | None:

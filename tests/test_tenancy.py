@@ -205,8 +205,10 @@ def test_table_objects_are_verified(twins: Twins, tenant_db: TenantDatabase) -> 
 
 def test_execute_sql_on_tenant_tables_is_refused(twins: Twins,
                                                  tenant_db: TenantDatabase) -> None:
-    with pytest.raises(UnscopedQueryError, match="execute_scoped"):
-        tenant_db.execute_sql("SELECT count(*) FROM destination")
+    for sql in ("SELECT count(*) FROM destination", 'SELECT 1 FROM public."destination"',
+                "select 1 from PUBLIC.Destination d"):
+        with pytest.raises(UnscopedQueryError, match="execute_scoped"):
+            tenant_db.execute_sql(sql)
     cursor = execute_scoped(twins.a, "SELECT org_id FROM destination")
     assert cursor.fetchall() == [(twins.a,)]
     assert tenant_db.execute_sql("SELECT 1").fetchone() == (1,)
