@@ -46,7 +46,8 @@ else:
 
 
 def execute_scoped(org_id: OrgLike, sql: str, params: Sequence[Any] = (), /) -> Any:
-    """Run raw ``sql`` (``%s`` placeholders) for one org; returns the DB-API cursor.
+    """Run raw ``sql`` (``%s`` placeholders, ``%%`` for a literal ``%``) for one org; returns
+    the DB-API cursor.
 
     The org is set for the statement's transaction in the same round trip, which is what
     row-level security checks: rows of other orgs stay invisible even if ``sql`` forgets
