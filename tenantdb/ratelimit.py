@@ -1,54 +1,86 @@
-"""Per-user rate limits on Redis: a token bucket decided in one round trip, built on limits.
+"""Per-user rate limits within an org, on Redis: a token bucket decided in one round trip.
 
-:func:`check_rate_limit` takes one token from a user's bucket. The default buckets are
-``agent`` (5 a minute, fails closed) and ``crud`` (60 a minute, fails open); their limits
-come from :class:`~tenantdb.settings.Settings`. A bucket is a token bucket (GCRA): it holds
-``limit`` tokens and refills them continuously over ``period_s`` seconds, so "5 a minute"
-is a burst of 5, then one more every 12 s.
+:func:`check_rate_limit` takes one token from a user's bucket; :func:`acheck_rate_limit`
+is the same check for ``async`` code, awaited on redis-py's asyncio client so the event
+loop never blocks. The default buckets are ``agent`` (5 a minute, fails closed) and
+``crud`` (60 a minute, fails open); their limits come from
+:class:`~tenantdb.settings.Settings`. A token bucket (GCRA) holds ``limit`` tokens and
+refills them continuously over ``period_s`` seconds: "5 a minute" is a burst of 5, then one
+more every 12 s.
 
-The token bucket is :class:`TokenBucketRateLimiter`, a :class:`limits.strategies.RateLimiter`
-that runs on any ``limits`` Redis storage (``redis://``, ``redis+unix://``,
+A user id is unique only within its org, so a bucket is keyed by org, user, bucket name and
+the limit itself, as ``limits`` keys its items::
+
+    <prefix>:rl:<strategy>/{<org_id>:<user_id>}/<bucket>/<amount>/<multiples>/<granularity>
+
+The braces are a Redis Cluster hash tag: one user's buckets share a slot.
+
+The algorithm is :class:`~tenantdb.ratelimit_strategy.TokenBucketRateLimiter`, a ``limits``
+strategy on any ``limits`` Redis storage (``redis://``, ``redis+unix://``,
 ``redis+cluster://``, ``redis+sentinel://``). A :class:`BucketSpec` may name one of
-``limits``' own strategies instead (``"moving-window"`` …), at the price of a second round
+``limits``' own strategies instead (``"moving-window"`` ...), at the price of a second round
 trip and the application's clock.
 
-When Redis is down or hung a check returns within ``redis_socket_timeout_s``, in the
-bucket's failure mode, with ``degraded=True``; it never raises a Redis error.
+When Redis is down or hung a check returns within ``redis_socket_timeout_s`` in the bucket's
+failure mode, marked ``reason=REDIS_UNAVAILABLE`` (``degraded``); it never raises a Redis
+error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import enum
 import functools
-import hashlib
 import logging
 import math
 import re
 import threading
 import time
-from dataclasses import dataclass
-from importlib import resources
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import redis
-from limits import RateLimitItem, RateLimitItemPerSecond
+import redis.asyncio.retry
+from limits import (
+    RateLimitItem,
+    RateLimitItemPerDay,
+    RateLimitItemPerHour,
+    RateLimitItemPerMinute,
+    RateLimitItemPerSecond,
+)
+from limits.aio.strategies import STRATEGIES as ASYNC_STRATEGIES
 from limits.errors import ConfigurationError as LimitsConfigurationError
-from limits.storage import RedisStorage, StorageTypes, storage_from_string
-from limits.strategies import STRATEGIES, RateLimiter
+from limits.storage import storage_from_string
+from limits.strategies import STRATEGIES
 from limits.util import WindowStats
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .context import OrgLike, require_org
 from .errors import ConfigurationError
+from .ratelimit_strategy import (
+    TOKEN_BUCKET,
+    AsyncTokenBucketRateLimiter,
+    TokenBucketRateLimiter,
+    TokenBucketState,
+    parse_reply,
+    script_args,
+)
 from .settings import Settings, get_settings
 
 __all__ = [
     "TOKEN_BUCKET",
     "BucketSpec",
+    "RateLimitReason",
     "RateLimitResult",
     "TokenBucketRateLimiter",
     "TokenBucketState",
+    "acheck_rate_limit",
+    "aclose_rate_limits",
+    "areset_rate_limit",
     "bucket_spec",
     "check_rate_limit",
     "reset_rate_limit",
@@ -56,13 +88,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Strategy name of :class:`TokenBucketRateLimiter`; the others are ``limits``' own.
-TOKEN_BUCKET = "token-bucket"
-
-# Keys are "<prefix>:rl:{<user_id>}:<bucket>"; the braces are a Redis Cluster hash tag,
-# so all of one user's buckets live in one slot.
+#: First part of every rate-limit key after the prefix.
 KEY_NAMESPACE = "rl"
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A canonical UUID passes without being parsed: the common case costs one match.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # Declared failure modes: CRUD keeps the app usable through an outage, while agent runs
 # are expensive enough that an unmetered burst costs more than a refusal.
@@ -72,34 +102,68 @@ _FAIL_OPEN = {"agent": False, "crud": True}
 # are not RedisError subclasses.
 _REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 
-_MICROSECONDS = 1_000_000
 _WARN_EVERY_S = 10.0
-
-
-def _read_lua(name: str) -> str:
-    return resources.files("tenantdb").joinpath("lua", name).read_text(encoding="utf-8")
+_MICROSECONDS = 1_000_000
+# Largest first: "5 per 60 s" is keyed 5/1/minute, as limits' own "5/minute" would be.
+_GRANULARITIES: tuple[tuple[int, type[RateLimitItem]], ...] = (
+    (86_400, RateLimitItemPerDay),
+    (3_600, RateLimitItemPerHour),
+    (60, RateLimitItemPerMinute),
+    (1, RateLimitItemPerSecond),
+)
+# Stands for the org/user hash tag while a bucket's key template is built.
+_TAG_MARK = "\x00"
+_MAX_CLIENTS_PER_LOOP = 16
 
 
 # PUBLIC TYPES
 
 
-@dataclass(frozen=True)
+class RateLimitReason(str, enum.Enum):
+    """Why a check came out as it did; a ``str``, so it renders as its value."""
+
+    #: Redis answered and the call fits in the bucket.
+    WITHIN_LIMIT = "within_limit"
+    #: Redis answered and the client is over its limit (HTTP 429).
+    OVER_LIMIT = "over_limit"
+    #: Redis could not be asked: ``allowed`` is the bucket's failure mode (a refusal is an
+    #: outage, HTTP 503, not the client's fault).
+    REDIS_UNAVAILABLE = "redis_unavailable"
+
+
+@dataclass(frozen=True, kw_only=True)
 class RateLimitResult:
-    """The outcome of one :func:`check_rate_limit`.
+    """The outcome of one check; every field renders as a rate-limit header value.
 
     :param allowed: the call may go ahead.
-    :param limit: tokens in a full bucket.
-    :param remaining: tokens left after this call; ``None`` when degraded.
-    :param retry_after_seconds: whole seconds until a denied call would be allowed
-        (rounded up); ``None`` when allowed, when it can never be, or when degraded.
-    :param degraded: Redis could not be asked; ``allowed`` is the bucket's failure mode.
+    :param limit: tokens in a full bucket: the burst (IETF ``RateLimit-Policy`` ``q``).
+    :param window_seconds: seconds in which an empty bucket refills (``RateLimit-Policy``
+        ``w``).
+    :param policy: the bucket's name (the policy item's name).
+    :param remaining: whole tokens left after this call (``RateLimit`` ``r``); ``None``
+        when degraded.
+    :param reset_after_seconds: whole seconds, rounded up, until the bucket is full again
+        (``RateLimit`` ``t``); ``None`` when degraded.
+    :param retry_after_seconds: whole seconds, rounded up and at least 1, until a denied
+        call would be allowed (``Retry-After``); ``None`` when allowed, when it never can
+        be, or when degraded.
+    :param reason: :class:`RateLimitReason`: within the limit, over it, or Redis
+        unavailable (then ``allowed`` is the bucket's failure mode).
     """
 
     allowed: bool
     limit: int
+    window_seconds: int
+    policy: str
     remaining: int | None
+    reset_after_seconds: int | None
     retry_after_seconds: int | None
-    degraded: bool = False
+    reason: RateLimitReason
+
+    @property
+    def degraded(self) -> bool:
+        """Redis could not be asked: a fail-open pass or a fail-closed refusal."""
+        return self.reason is RateLimitReason.REDIS_UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -112,7 +176,8 @@ class BucketSpec:
     :param strategy: ``"token-bucket"``, or one of ``limits``' strategies
         (``"fixed-window"``, ``"moving-window"``, ``"sliding-window-counter"``).
     :param fail_open: allow calls (``True``) or deny them (``False``) when Redis is down.
-    :raises ValueError: a bad name, a non-positive limit or period, an unknown strategy.
+    :raises ValueError: a bad name, a limit or period that is not a positive integer, an
+        unknown strategy, a token bucket too fine to refill exactly.
     """
 
     name: str
@@ -120,129 +185,28 @@ class BucketSpec:
     period_s: int = 60
     strategy: str = TOKEN_BUCKET
     fail_open: bool = False
+    _item: RateLimitItem = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not _BUCKET_NAME.fullmatch(self.name):
+        if not isinstance(self.name, str) or not _BUCKET_NAME.fullmatch(self.name):
             raise ValueError(f"bucket name {self.name!r}: use letters, digits, '_', '.', '-'")
-        if self.limit < 1 or self.period_s < 1:
+        if not (_positive_int(self.limit) and _positive_int(self.period_s)):
             raise ValueError(
-                f"bucket {self.name!r}: limit ({self.limit}) and period_s ({self.period_s})"
-                " must be positive"
+                f"bucket {self.name!r}: limit ({self.limit!r}) and period_s "
+                f"({self.period_s!r}) must be positive integers"
             )
         if self.strategy != TOKEN_BUCKET and self.strategy not in STRATEGIES:
             known = ", ".join([TOKEN_BUCKET, *STRATEGIES])
             raise ValueError(
                 f"bucket {self.name!r}: unknown strategy {self.strategy!r}: use {known}"
             )
+        if self.strategy == TOKEN_BUCKET:
+            script_args(self.limit, self.period_s, 1, True)  # raises if not exact
+        object.__setattr__(self, "_item", _limit_item(self))
 
     def item(self) -> RateLimitItem:
-        """The ``limits`` item for this spec; its namespace keeps strategies' keys apart."""
-        return RateLimitItemPerSecond(self.limit, self.period_s, namespace=self.strategy)
-
-
-@dataclass(frozen=True)
-class TokenBucketState:
-    """What the token bucket script decided, all from one round trip.
-
-    :param allowed: the tokens were (or, for a test, could be) taken.
-    :param remaining: tokens left in the bucket.
-    :param retry_after: seconds until the request would be allowed; ``0.0`` when allowed,
-        ``None`` when it never can be (cost above capacity).
-    :param full_at: Redis time (epoch seconds) at which the bucket is full again.
-    """
-
-    allowed: bool
-    remaining: int
-    retry_after: float | None
-    full_at: float
-
-
-# THE TOKEN BUCKET STRATEGY
-
-
-class TokenBucketRateLimiter(RateLimiter):
-    """A token bucket (GCRA) for ``limits``' Redis storages, decided by one Lua call.
-
-    A bucket holds ``item.amount`` tokens and refills them evenly over
-    ``item.get_expiry()`` seconds, timed by Redis ``TIME``. Its key is the storage prefix
-    plus the identifiers joined by ``:``, so callers choose the Redis Cluster hash tag;
-    the key expires once the bucket is full again.
-
-    :param storage: a ``limits`` Redis storage (plain, unix socket, cluster or sentinel).
-    :raises ConfigurationError: the storage is not a Redis storage.
-    """
-
-    SCRIPT = _read_lua("token_bucket.lua")
-
-    def __init__(self, storage: StorageTypes) -> None:
-        if not isinstance(storage, RedisStorage):
-            raise ConfigurationError(
-                f"the token bucket needs a Redis storage, not {type(storage).__name__}: "
-                "use a redis://, redis+unix://, redis+cluster:// or redis+sentinel:// URL"
-            )
-        super().__init__(storage)
-        self._redis_storage = storage
-        self._client: Any = storage.get_connection()
-        self._sha = hashlib.sha1(self.SCRIPT.encode()).hexdigest()
-
-    def acquire(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> TokenBucketState:
-        """Take ``cost`` tokens if all are there; a denied call takes nothing.
-
-        :param item: capacity (``amount``) and refill period (``get_expiry()``).
-        :param identifiers: joined by ``:`` into the key.
-        :param cost: tokens to take.
-        :raises ValueError: ``cost`` is negative.
-        """
-        return self._run(item, identifiers, cost, consume=True)
-
-    def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
-        """Take ``cost`` tokens; see :meth:`acquire`."""
-        return self.acquire(item, *identifiers, cost=cost).allowed
-
-    def test(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
-        """Whether ``cost`` tokens could be taken now, without taking them."""
-        return self._run(item, identifiers, cost, consume=False).allowed
-
-    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
-        """The time the bucket is full again (Redis clock) and the tokens left now."""
-        state = self._run(item, identifiers, 0, consume=False)
-        return WindowStats(state.full_at, state.remaining)
-
-    def clear(self, item: RateLimitItem, *identifiers: str) -> None:
-        """Refill the bucket by deleting its key."""
-        self._redis_storage.clear(self.key_for(*identifiers))
-
-    def key_for(self, *identifiers: str) -> str:
-        """The bucket's key before the storage prefix: the identifiers joined by ``:``."""
-        return ":".join(identifiers)
-
-    def _run(
-        self, item: RateLimitItem, identifiers: tuple[str, ...], cost: int, *, consume: bool
-    ) -> TokenBucketState:
-        if cost < 0:
-            raise ValueError(f"cost must be zero or more, not {cost}")
-        key = self._redis_storage.prefixed_key(self.key_for(*identifiers))
-        reply = self._evalsha(key, item.amount, item.get_expiry() * _MICROSECONDS, cost,
-                              int(consume))
-        allowed, remaining, wait_us, tat_us = (int(field) for field in reply.split())
-        return TokenBucketState(
-            allowed=bool(allowed),
-            remaining=remaining,
-            retry_after=None if wait_us < 0 else wait_us / _MICROSECONDS,
-            full_at=tat_us / _MICROSECONDS,
-        )
-
-
-    def _evalsha(self, key: str, *args: int) -> Any:
-        # EVALSHA, loading the script on NOSCRIPT (a restarted server, a new cluster node).
-        # Written out rather than redis-py's Script object, whose call re-imports and
-        # re-packs its arguments each time: 5-6 us of a ~100 us check, measured.
-        try:
-            reply = self._client.evalsha(self._sha, 1, key, *args)
-        except redis.exceptions.NoScriptError:
-            self._sha = self._client.script_load(self.SCRIPT)
-            reply = self._client.evalsha(self._sha, 1, key, *args)
-        return reply
+        """The ``limits`` item; its namespace (``rl:<strategy>``) keeps strategies apart."""
+        return self._item
 
 
 # PUBLIC API
@@ -251,7 +215,6 @@ class TokenBucketRateLimiter(RateLimiter):
 def bucket_spec(name: str) -> BucketSpec:
     """The configured spec of a default bucket (``agent`` or ``crud``).
 
-    :param name: the bucket.
     :raises ValueError: the bucket is unknown, or its configured limit is not positive.
     """
     limits_by_name = _configured_limits(get_settings())
@@ -262,51 +225,135 @@ def bucket_spec(name: str) -> BucketSpec:
 
 
 def check_rate_limit(
-    user_id: str | int | UUID,
+    user_id: UUID | str,
     bucket: str | BucketSpec,
     limit_per_minute: int | None = None,
+    *,
+    org_id: OrgLike,
 ) -> RateLimitResult:
-    """Take one token from ``user_id``'s ``bucket``: one Redis round trip for a token bucket.
+    """Take one token from the bucket of ``user_id`` in ``org_id``: one Redis round trip.
 
-    :param user_id: whose bucket; becomes the key's hash tag.
+    Blocks the calling thread for the round trip (up to ``redis_socket_timeout_s``); in
+    ``async`` code use :func:`acheck_rate_limit`.
+
+    :param user_id: whose bucket: a UUID, or its text.
     :param bucket: a default bucket's name (``agent``, ``crud``) or a :class:`BucketSpec`.
     :param limit_per_minute: overrides the limit, with a 60 s period.
+    :param org_id: the user's org: users of two orgs never share a bucket.
     :returns: the decision; if Redis is down or hung (no answer within
-        ``redis_socket_timeout_s``) the bucket's failure mode, with ``degraded=True``.
-    :raises ValueError: an unknown bucket, a non-positive limit or a bad user id
-        (checked before any Redis call).
+        ``redis_socket_timeout_s``) the bucket's failure mode, ``reason=REDIS_UNAVAILABLE``.
+    :raises MissingOrgError: ``org_id`` is missing or not a UUID (before any Redis call).
+    :raises ValueError: a bad user id, an unknown bucket, a non-positive limit (before any
+        Redis call).
     :raises ConfigurationError: no Redis URL is configured, or ``limits`` rejects it.
     """
-    spec = _resolve(bucket, limit_per_minute)
-    identifiers = _identifiers(user_id, spec)
-    backend = _backend_for(get_settings())
+    spec, tag = _request(user_id, bucket, limit_per_minute, org_id, "check_rate_limit()")
+    backend = _sync_backend(get_settings())
     try:
-        return backend.decide(spec, identifiers)
+        return backend.decide(spec, tag)
     except _REDIS_ERRORS as exc:
         return backend.degrade(spec, exc)
 
 
-def reset_rate_limit(user_id: str | int | UUID, bucket: str | BucketSpec) -> bool:
-    """Refill ``user_id``'s ``bucket`` (delete its key).
+async def acheck_rate_limit(
+    user_id: UUID | str,
+    bucket: str | BucketSpec,
+    limit_per_minute: int | None = None,
+    *,
+    org_id: OrgLike,
+) -> RateLimitResult:
+    """:func:`check_rate_limit`, awaited: the event loop runs other tasks meanwhile.
 
-    :param user_id: whose bucket.
-    :param bucket: a default bucket's name or a :class:`BucketSpec`.
+    The same script, key and single round trip, on redis-py's asyncio client (one per
+    event loop; :func:`aclose_rate_limits` closes them). Same arguments, result, errors and
+    failure modes.
+    """
+    spec, tag = _request(user_id, bucket, limit_per_minute, org_id, "acheck_rate_limit()")
+    backend = _async_backend(get_settings())
+    try:
+        return await backend.decide(spec, tag)
+    except _REDIS_ERRORS as exc:
+        return backend.degrade(spec, exc)
+
+
+def reset_rate_limit(user_id: UUID | str, bucket: str | BucketSpec, *, org_id: OrgLike) -> bool:
+    """Refill the bucket of ``user_id`` in ``org_id`` (delete its key).
+
     :returns: ``False`` if Redis could not be reached (the failure is logged).
-    :raises ValueError: an unknown bucket or a bad user id.
+    :raises MissingOrgError: ``org_id`` is missing or not a UUID.
+    :raises ValueError: a bad user id or an unknown bucket.
     :raises ConfigurationError: no Redis URL is configured, or ``limits`` rejects it.
     """
-    spec = _resolve(bucket, None)
-    identifiers = _identifiers(user_id, spec)
-    backend = _backend_for(get_settings())
+    spec, tag = _request(user_id, bucket, None, org_id, "reset_rate_limit()")
+    backend = _sync_backend(get_settings())
     try:
-        backend.limiter(spec.strategy).clear(spec.item(), *identifiers)
+        backend.reset(spec, tag)
     except _REDIS_ERRORS as exc:
-        logger.warning("rate limit %s: reset failed, Redis unavailable: %r", spec.name, exc)
-        return False
+        return _reset_failed(spec, exc)
     return True
 
 
-# PRIVATE HELPERS
+async def areset_rate_limit(
+    user_id: UUID | str, bucket: str | BucketSpec, *, org_id: OrgLike
+) -> bool:
+    """:func:`reset_rate_limit`, awaited on redis-py's asyncio client."""
+    spec, tag = _request(user_id, bucket, None, org_id, "areset_rate_limit()")
+    backend = _async_backend(get_settings())
+    try:
+        await backend.reset(spec, tag)
+    except _REDIS_ERRORS as exc:
+        return _reset_failed(spec, exc)
+    return True
+
+
+async def aclose_rate_limits() -> None:
+    """Close the running event loop's Redis clients for rate limits (at shutdown)."""
+    for backend in _ASYNC_BACKENDS.pop(asyncio.get_running_loop(), {}).values():
+        await backend.aclose()
+
+
+# ARGUMENTS: checked before any Redis call, shared by the sync and async paths
+
+
+def _request(
+    user_id: object, bucket: str | BucketSpec, limit_per_minute: int | None,
+    org_id: object, where: str,
+) -> tuple[BucketSpec, str]:
+    # The hash tag names org and user: a user id is unique only within its org.
+    tag = f"{{{_org_text(org_id, where)}:{_user_text(user_id, where)}}}"
+    return _resolve(bucket, limit_per_minute), tag
+
+
+def _org_text(org_id: object, where: str) -> str:
+    if type(org_id) is str and _CANONICAL_UUID.fullmatch(org_id):
+        return org_id
+    return str(require_org(org_id, where))
+
+
+def _user_text(user_id: object, where: str) -> str:
+    if type(user_id) is str and _CANONICAL_UUID.fullmatch(user_id):
+        return user_id
+    if isinstance(user_id, UUID):
+        return str(user_id)
+    if isinstance(user_id, str):
+        with_text = _parse_uuid_text(user_id)
+        if with_text is not None:
+            return with_text
+    raise ValueError(
+        f"{where}: user_id must be a UUID (uuid.UUID or its text), not {user_id!r}"
+    )
+
+
+def _parse_uuid_text(text: str) -> str | None:
+    # Any spelling uuid.UUID accepts (upper case, braces, no dashes) keys one bucket.
+    try:
+        return str(UUID(text))
+    except ValueError:
+        return None
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _configured_limits(settings: Settings) -> dict[str, int]:
@@ -316,67 +363,127 @@ def _configured_limits(settings: Settings) -> dict[str, int]:
     }
 
 
-# Specs are immutable and checked on creation: build each default once per limit.
+# Specs are immutable and checked on creation: build each once per limit.
 @functools.lru_cache(maxsize=64)
 def _default_spec(name: str, limit: int) -> BucketSpec:
     return BucketSpec(name, limit, fail_open=_FAIL_OPEN[name])
+
+
+@functools.lru_cache(maxsize=256)
+def _with_limit(spec: BucketSpec, limit_per_minute: int) -> BucketSpec:
+    return dataclasses.replace(spec, limit=limit_per_minute, period_s=60)
 
 
 def _resolve(bucket: str | BucketSpec, limit_per_minute: int | None) -> BucketSpec:
     spec = bucket if isinstance(bucket, BucketSpec) else bucket_spec(bucket)
     if limit_per_minute is None:
         return spec
-    return dataclasses.replace(spec, limit=limit_per_minute, period_s=60)
+    if not _positive_int(limit_per_minute):
+        raise ValueError(
+            f"bucket {spec.name!r}: limit_per_minute must be a positive integer, "
+            f"not {limit_per_minute!r}"
+        )
+    return _with_limit(spec, limit_per_minute)
 
 
-def _identifiers(user_id: str | int | UUID, spec: BucketSpec) -> tuple[str, str, str]:
-    user = str(user_id)
-    # A brace inside the id would move the hash tag and split a user across slots.
-    if not user or "{" in user or "}" in user:
-        raise ValueError(f"user_id {user_id!r}: must be non-empty, without '{{' or '}}'")
-    return (KEY_NAMESPACE, f"{{{user}}}", spec.name)
+def _limit_item(spec: BucketSpec) -> RateLimitItem:
+    namespace = f"{KEY_NAMESPACE}:{spec.strategy}"
+    for seconds, item_type in _GRANULARITIES:
+        if spec.period_s % seconds == 0:
+            return item_type(spec.limit, spec.period_s // seconds, namespace=namespace)
+    raise AssertionError("every period is a whole number of seconds")  # pragma: no cover
 
 
-def _storage_options(url: str, prefix: str, timeout: float) -> dict[str, Any]:
-    # redis.Redis() and RedisCluster retry 3 times with up to 10 s of backoff by default:
-    # a hung Redis would hold the caller far past the timeout. One attempt, then the
-    # bucket's failure mode.
+# RESULTS: pure, shared by the sync and async paths
+
+
+def _bucket_result(spec: BucketSpec, reply: bytes) -> RateLimitResult:
+    state = parse_reply(reply)
+    retry = None
+    if not state.allowed and state.retry_after is not None:
+        retry = max(1, math.ceil(state.retry_after))
+    return _result(spec, state.allowed, state.remaining, math.ceil(state.reset_after), retry)
+
+
+def _window_result(spec: BucketSpec, allowed: bool, stats: WindowStats) -> RateLimitResult:
+    # limits' own strategies: the stats come from a second read, on the application's clock.
+    reset = max(0, math.ceil(stats.reset_time - time.time()))
+    retry = None if allowed else max(1, reset)
+    return _result(spec, allowed, max(0, stats.remaining), reset, retry)
+
+
+def _result(
+    spec: BucketSpec, allowed: bool, remaining: int, reset: int, retry: int | None
+) -> RateLimitResult:
+    return RateLimitResult(
+        allowed=allowed, limit=spec.limit, window_seconds=spec.period_s, policy=spec.name,
+        remaining=remaining, reset_after_seconds=reset, retry_after_seconds=retry,
+        reason=RateLimitReason.WITHIN_LIMIT if allowed else RateLimitReason.OVER_LIMIT,
+    )
+
+
+def _degraded_result(spec: BucketSpec) -> RateLimitResult:
+    return RateLimitResult(
+        allowed=spec.fail_open, limit=spec.limit, window_seconds=spec.period_s,
+        policy=spec.name, remaining=None, reset_after_seconds=None, retry_after_seconds=None,
+        reason=RateLimitReason.REDIS_UNAVAILABLE,
+    )
+
+
+def _reset_failed(spec: BucketSpec, exc: Exception) -> bool:
+    logger.warning("rate limit %s: reset failed, Redis unavailable: %r", spec.name, exc)
+    return False
+
+
+# BACKENDS: one limits storage, its limiters and key templates per (URL, prefix, timeout)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A bucket's key around its hash tag, and its script arguments (token bucket only)."""
+
+    head: str
+    tail: str
+    args: tuple[bytes, ...] | None
+
+    def key(self, tag: str) -> str:
+        return self.head + tag + self.tail
+
+
+def _storage_options(url: str, prefix: str, timeout: float, retry: object) -> dict[str, Any]:
+    # redis-py retries 3 times with up to 10 s of backoff by default: a hung Redis would
+    # hold the caller far past the timeout. One attempt, then the bucket's failure mode.
     options: dict[str, Any] = {
         "key_prefix": prefix,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": retry,
     }
     if "sentinel" in url.partition("://")[0]:
         options["sentinel_kwargs"] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     return options
 
 
+def _new_storage(url: str, **options: Any) -> Any:
+    try:
+        return storage_from_string(url, **options)
+    except LimitsConfigurationError as exc:
+        message = f"rate limits cannot use Redis URL {url!r}: {exc}"
+        raise ConfigurationError(message) from exc
+
+
 class _Backend:
-    """One ``limits`` storage and its limiters for one (URL, key prefix, timeout)."""
+    """What the sync and async backends share: key templates and outage logging."""
 
     def __init__(self, url: str, prefix: str, timeout: float) -> None:
         self._args = (url, prefix, timeout)
-        self._storage: StorageTypes | None = None
-        self._limiters: dict[str, RateLimiter] = {}
+        self._storage: Any = None
+        self._limiters: dict[str, Any] = {}
+        self._plans: dict[BucketSpec, _Plan] = {}
         self._lock = threading.Lock()
         # An outage logs one warning per interval, not one per request.
         self._warned_at = -math.inf
         self._quiet_failures = 0
-
-    def limiter(self, strategy: str) -> RateLimiter:
-        limiter = self._limiters.get(strategy)
-        if limiter is None:
-            storage = self._build_storage() if self._storage is None else self._storage
-            # Two threads may both build one; setdefault keeps a single winner.
-            limiter = self._limiters.setdefault(strategy, _make_limiter(strategy, storage))
-        return limiter
-
-    def decide(self, spec: BucketSpec, identifiers: tuple[str, ...]) -> RateLimitResult:
-        limiter = self.limiter(spec.strategy)
-        if isinstance(limiter, TokenBucketRateLimiter):
-            return _from_state(spec, limiter.acquire(spec.item(), *identifiers))
-        return _from_window(spec, limiter, identifiers)
 
     def degrade(self, spec: BucketSpec, exc: Exception) -> RateLimitResult:
         warn, quiet = self._warn_now()
@@ -388,7 +495,30 @@ class _Backend:
             )
         else:
             logger.debug("rate limit %s failing %s: Redis unavailable: %r", spec.name, mode, exc)
-        return RateLimitResult(spec.fail_open, spec.limit, None, None, degraded=True)
+        return _degraded_result(spec)
+
+    def _plan(self, spec: BucketSpec, limiter: Any) -> _Plan:
+        plan = self._plans.get(spec)
+        if plan is None:
+            # The limiter's own key for (tag, name), cut at the tag: the key a call builds
+            # is the one limits' API (clear, get_window_stats) uses.
+            full = self._storage_key(spec.item().key_for(_TAG_MARK, spec.name))
+            head, tail = full.split(_TAG_MARK)
+            token_bucket = isinstance(limiter, TokenBucketRateLimiter | AsyncTokenBucketRateLimiter)
+            args = script_args(spec.limit, spec.period_s, 1, True) if token_bucket else None
+            plan = self._plans.setdefault(spec, _Plan(head, tail, args))
+        return plan
+
+    def _storage_key(self, key: str) -> str:
+        return f"{self._args[1]}:{key}"
+
+    def _keep_storage(self, storage: Any) -> Any:
+        # Built outside the lock, so concurrent callers each wait one timeout, not one per
+        # caller ahead of them; the first one built is kept.
+        with self._lock:
+            if self._storage is None:
+                self._storage = storage
+            return self._storage
 
     def _warn_now(self) -> tuple[bool, int]:
         # Whether this failure gets the interval's warning, and how many went to DEBUG
@@ -401,43 +531,67 @@ class _Backend:
             quiet, self._quiet_failures, self._warned_at = self._quiet_failures, 0, now
             return True, quiet
 
-    def _build_storage(self) -> StorageTypes:
-        # Built on first use, not in __init__: a cluster client connects while it is
-        # built, and that failure must take the failure mode like any other. Built
-        # outside the lock, so concurrent callers each wait one timeout, not one per
-        # caller ahead of them.
+
+class _SyncBackend(_Backend):
+    def decide(self, spec: BucketSpec, tag: str) -> RateLimitResult:
+        limiter = self._limiter(spec.strategy)
+        plan = self._plan(spec, limiter)
+        if plan.args is not None:
+            return _bucket_result(spec, limiter.evaluate(plan.key(tag), plan.args))
+        allowed = limiter.hit(spec.item(), tag, spec.name)
+        return _window_result(spec, allowed, limiter.get_window_stats(spec.item(), tag, spec.name))
+
+    def reset(self, spec: BucketSpec, tag: str) -> None:
+        self._limiter(spec.strategy).clear(spec.item(), tag, spec.name)
+
+    def _limiter(self, strategy: str) -> Any:
+        limiter = self._limiters.get(strategy)
+        if limiter is None:
+            # Built on first use, not in __init__: a cluster client connects while it is
+            # built, and that failure must take the failure mode like any other.
+            storage = self._storage or self._keep_storage(self._build())
+            make = TokenBucketRateLimiter if strategy == TOKEN_BUCKET else STRATEGIES[strategy]
+            # Two threads may both build one; setdefault keeps a single winner.
+            limiter = self._limiters.setdefault(strategy, make(storage))
+        return limiter
+
+    def _build(self) -> Any:
         url, prefix, timeout = self._args
-        try:
-            storage = storage_from_string(url, **_storage_options(url, prefix, timeout))
-        except LimitsConfigurationError as exc:
-            message = f"rate limits cannot use Redis URL {url!r}: {exc}"
-            raise ConfigurationError(message) from exc
-        with self._lock:
-            if self._storage is None:
-                self._storage = storage
-            return self._storage
+        return _new_storage(url, **_storage_options(url, prefix, timeout, Retry(NoBackoff(), 0)))
 
 
-def _make_limiter(strategy: str, storage: StorageTypes) -> RateLimiter:
-    if strategy == TOKEN_BUCKET:
-        return TokenBucketRateLimiter(storage)
-    return STRATEGIES[strategy](storage)
+class _AsyncBackend(_Backend):
+    async def decide(self, spec: BucketSpec, tag: str) -> RateLimitResult:
+        limiter = self._limiter(spec.strategy)
+        plan = self._plan(spec, limiter)
+        if plan.args is not None:
+            return _bucket_result(spec, await limiter.evaluate(plan.key(tag), plan.args))
+        allowed = await limiter.hit(spec.item(), tag, spec.name)
+        stats = await limiter.get_window_stats(spec.item(), tag, spec.name)
+        return _window_result(spec, allowed, stats)
 
+    async def reset(self, spec: BucketSpec, tag: str) -> None:
+        await self._limiter(spec.strategy).clear(spec.item(), tag, spec.name)
 
-def _from_state(spec: BucketSpec, state: TokenBucketState) -> RateLimitResult:
-    retry = None if state.allowed or state.retry_after is None else math.ceil(state.retry_after)
-    return RateLimitResult(state.allowed, spec.limit, state.remaining, retry)
+    async def aclose(self) -> None:
+        if self._storage is not None:
+            await self._storage.bridge.get_connection().aclose()
 
+    def _limiter(self, strategy: str) -> Any:
+        limiter = self._limiters.get(strategy)
+        if limiter is None:
+            # redis.asyncio connects lazily, on the first command: building cannot hang.
+            storage = self._storage or self._keep_storage(self._build())
+            make: Any = (AsyncTokenBucketRateLimiter if strategy == TOKEN_BUCKET
+                         else ASYNC_STRATEGIES[strategy])
+            limiter = self._limiters.setdefault(strategy, make(storage))
+        return limiter
 
-def _from_window(
-    spec: BucketSpec, limiter: RateLimiter, identifiers: tuple[str, ...]
-) -> RateLimitResult:
-    # limits' own strategies: hit, then a separate stats read (not atomic with the hit),
-    # and a reset time from the application's clock.
-    allowed = limiter.hit(spec.item(), *identifiers)
-    stats = limiter.get_window_stats(spec.item(), *identifiers)
-    retry = None if allowed else max(1, math.ceil(stats.reset_time - time.time()))
-    return RateLimitResult(allowed, spec.limit, max(0, stats.remaining), retry)
+    def _build(self) -> Any:
+        url, prefix, timeout = self._args
+        retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+        options = _storage_options(url, prefix, timeout, retry)
+        return _new_storage(f"async+{url}", implementation="redispy", **options)
 
 
 def _backend_key(settings: Settings) -> tuple[str, str, float]:
@@ -449,11 +603,37 @@ def _backend_key(settings: Settings) -> tuple[str, str, float]:
     return (settings.redis_url, settings.redis_key_prefix, settings.redis_socket_timeout_s)
 
 
-def _backend_for(settings: Settings) -> _Backend:
-    return _backend(*_backend_key(settings))
+# The settings object seen last and its backend: the common case skips the cache lookup.
+_last_sync: tuple[Settings | None, _SyncBackend | None] = (None, None)
+
+
+def _sync_backend(settings: Settings) -> _SyncBackend:
+    global _last_sync
+    seen, backend = _last_sync
+    if seen is not settings or backend is None:
+        backend = _sync_backend_for(*_backend_key(settings))
+        _last_sync = (settings, backend)
+    return backend
 
 
 # Bounded: a test suite with a fresh key prefix per test must not keep every client.
 @functools.lru_cache(maxsize=16)
-def _backend(url: str, prefix: str, timeout: float) -> _Backend:
-    return _Backend(url, prefix, timeout)
+def _sync_backend_for(url: str, prefix: str, timeout: float) -> _SyncBackend:
+    return _SyncBackend(url, prefix, timeout)
+
+
+# asyncio clients belong to the loop they first ran on: one set per loop, dropped with it.
+_ASYNC_BACKENDS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str, float], _AsyncBackend]
+] = weakref.WeakKeyDictionary()
+
+
+def _async_backend(settings: Settings) -> _AsyncBackend:
+    key = _backend_key(settings)
+    backends = _ASYNC_BACKENDS.setdefault(asyncio.get_running_loop(), {})
+    backend = backends.get(key)
+    if backend is None:
+        if len(backends) >= _MAX_CLIENTS_PER_LOOP:
+            backends.pop(next(iter(backends)))
+        backend = backends[key] = _AsyncBackend(*key)
+    return backend

@@ -1,4 +1,8 @@
-"""Rate limits against real Redis servers: a token bucket in one round trip, built on limits."""
+"""Rate limits per org against real Redis servers: a token bucket in one round trip.
+
+The strategy's own contract (limits' strategy tests, every storage) is in
+``test_ratelimit_contract.py``; the async checks are in ``test_ratelimit_async.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from redis.cluster import RedisCluster
 from redis_cluster import RedisServer, free_port, redis_cluster, redis_sentinel
 
-from tenantdb.errors import ConfigurationError
+from tenantdb.errors import ConfigurationError, MissingOrgError
 from tenantdb.pytest_plugin import TestRedis
 from tenantdb.ratelimit import (
     BucketSpec,
+    RateLimitReason,
     RateLimitResult,
     TokenBucketRateLimiter,
     check_rate_limit,
@@ -31,6 +35,10 @@ from tenantdb.settings import get_settings, override_settings
 FAST = BucketSpec("fast", limit=5, period_s=1)
 TIMEOUT_S = 0.2
 SLACK_S = 0.05
+
+
+# Every check here is in this org; twin-org tests make a second one.
+ORG = str(uuid.uuid4())
 
 
 @pytest.fixture
@@ -66,7 +74,7 @@ def cluster_url(cluster_nodes: list[RedisServer]) -> Iterator[str]:
 
 
 def _burst(user_id: str, bucket: str | BucketSpec, count: int) -> list[RateLimitResult]:
-    return [check_rate_limit(user_id, bucket) for _ in range(count)]
+    return [check_rate_limit(user_id, bucket, org_id=ORG) for _ in range(count)]
 
 
 def _race(user_id: str, bucket: str, threads: int) -> list[RateLimitResult]:
@@ -75,7 +83,7 @@ def _race(user_id: str, bucket: str, threads: int) -> list[RateLimitResult]:
 
     def check() -> None:
         barrier.wait()
-        results.append(check_rate_limit(user_id, bucket))
+        results.append(check_rate_limit(user_id, bucket, org_id=ORG))
 
     workers = [threading.Thread(target=check) for _ in range(threads)]
     for worker in workers:
@@ -85,8 +93,8 @@ def _race(user_id: str, bucket: str, threads: int) -> list[RateLimitResult]:
     return results
 
 
-def _cluster_key(user_id: str) -> str:
-    return f"{get_settings().redis_key_prefix}:rl:{{{user_id}}}:agent"
+def _key(user_id: str, org_id: str = ORG, tail: str = "agent/5/1/minute") -> str:
+    return f"{get_settings().redis_key_prefix}:rl:token-bucket/{{{org_id}:{user_id}}}/{tail}"
 
 
 def _cluster_client(url: str) -> RedisCluster:
@@ -110,10 +118,14 @@ def test_agent_burst_counts_down_then_denies_with_retry_after(user: str) -> None
     results = _burst(user, "agent", 6)
     assert [r.allowed for r in results] == [True] * 5 + [False]
     assert [r.remaining for r in results[:5]] == [4, 3, 2, 1, 0]
+    assert [r.reset_after_seconds for r in results[:5]] == [12, 24, 36, 48, 60]
     denied = results[5]
     assert denied.retry_after_seconds is not None
     assert 0 < denied.retry_after_seconds <= 12
-    assert (denied.remaining, denied.limit, denied.degraded) == (0, 5, False)
+    assert (denied.remaining, denied.limit, denied.window_seconds) == (0, 5, 60)
+    assert (denied.policy, denied.reason, denied.degraded) == (
+        "agent", RateLimitReason.OVER_LIMIT, False)
+    assert results[0].reason == RateLimitReason.WITHIN_LIMIT
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
@@ -136,20 +148,7 @@ def test_refill_allows_again_after_retry_after(user: str) -> None:
     assert not denied.allowed
     assert denied.retry_after_seconds == 1
     time.sleep(denied.retry_after_seconds)
-    assert check_rate_limit(user, FAST).allowed
-
-
-def test_refill_is_continuous_one_token_per_interval(tenantdb_redis: TestRedis, user: str) -> None:
-    limiter = TokenBucketRateLimiter(storage_from_string(tenantdb_redis.url))
-    item = RateLimitItemPerSecond(5, 1)
-    assert all(limiter.hit(item, tenantdb_redis.prefix, user) for _ in range(5))
-    denied = limiter.acquire(item, tenantdb_redis.prefix, user)
-    assert denied.retry_after is not None
-    assert 0 < denied.retry_after <= 0.2
-    time.sleep(denied.retry_after + 0.01)
-    # One token came back, not the whole bucket.
-    assert limiter.acquire(item, tenantdb_redis.prefix, user).allowed
-    assert not limiter.acquire(item, tenantdb_redis.prefix, user).allowed
+    assert check_rate_limit(user, FAST, org_id=ORG).allowed
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
@@ -159,27 +158,28 @@ def test_denied_checks_consume_nothing(user: str) -> None:
     assert not any(r.allowed for r in hammered)
     # 250 ms is enough for one token only if the 50 denials took none.
     time.sleep(0.25)
-    assert check_rate_limit(user, FAST).allowed
+    assert check_rate_limit(user, FAST, org_id=ORG).allowed
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
 def test_users_and_buckets_are_independent(user: str) -> None:
     _burst(user, "agent", 5)
-    assert not check_rate_limit(user, "agent").allowed
-    assert check_rate_limit(user, "crud").remaining == 59
-    assert check_rate_limit(str(uuid.uuid4()), "agent").remaining == 4
+    assert not check_rate_limit(user, "agent", org_id=ORG).allowed
+    assert check_rate_limit(user, "crud", org_id=ORG).remaining == 59
+    assert check_rate_limit(str(uuid.uuid4()), "agent", org_id=ORG).remaining == 4
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
 def test_limit_per_minute_overrides_bucket_limit(user: str) -> None:
-    results = [check_rate_limit(user, "agent", limit_per_minute=2) for _ in range(3)]
+    results = [check_rate_limit(user, "agent", limit_per_minute=2, org_id=ORG) for _ in range(3)]
     assert [r.allowed for r in results] == [True, True, False]
     assert results[2].retry_after_seconds == 30
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
 def test_concurrent_checks_allow_exactly_the_limit(user: str) -> None:
-    check_rate_limit(str(uuid.uuid4()), "agent")  # build the cached client before the race
+    # Build the cached client before the race.
+    check_rate_limit(str(uuid.uuid4()), "agent", org_id=ORG)
     results = _race(user, "agent", 20)
     assert sum(r.allowed for r in results) == 5
     assert sorted(r.remaining or 0 for r in results if r.allowed) == [0, 1, 2, 3, 4]
@@ -193,17 +193,17 @@ def test_client_clock_shift_changes_no_decision(
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() + 30)
     # 30 s on the application's clock would refill 2.5 tokens; Redis's clock did not move.
-    denied = check_rate_limit(user, "agent")
+    denied = check_rate_limit(user, "agent", org_id=ORG)
     assert not denied.allowed
     assert denied.retry_after_seconds is not None
     assert denied.retry_after_seconds <= 12
 
 
 def test_check_sends_exactly_one_redis_command(tenantdb_redis: TestRedis, user: str) -> None:
-    check_rate_limit(user, "crud")  # first use may connect and load the script
+    check_rate_limit(user, "crud", org_id=ORG)  # first use may connect and load the script
     before = _command_calls(tenantdb_redis.client)
     for _ in range(10):
-        check_rate_limit(user, "crud")
+        check_rate_limit(user, "crud", org_id=ORG)
     after = _command_calls(tenantdb_redis.client)
     delta = {name: after[name] - before.get(name, 0) for name in after}
     # commandstats also counts the calls a script makes: TIME, GET and SET are the
@@ -213,15 +213,18 @@ def test_check_sends_exactly_one_redis_command(tenantdb_redis: TestRedis, user: 
 
 
 def test_script_reloads_after_script_flush(tenantdb_redis: TestRedis, user: str) -> None:
-    check_rate_limit(user, "agent")
+    check_rate_limit(user, "agent", org_id=ORG)
     tenantdb_redis.client.script_flush()
-    result = check_rate_limit(user, "agent")
+    result = check_rate_limit(user, "agent", org_id=ORG)
     assert (result.allowed, result.remaining, result.degraded) == (True, 3, False)
 
 
-def test_key_is_hash_tagged_with_ttl_of_one_refill(tenantdb_redis: TestRedis, user: str) -> None:
-    check_rate_limit(user, "agent")
-    key = f"{tenantdb_redis.prefix}:rl:{{{user}}}:agent"
+def test_key_names_org_and_limit_with_ttl_of_one_refill(
+    tenantdb_redis: TestRedis, user: str
+) -> None:
+    check_rate_limit(user, "agent", org_id=ORG)
+    key = f"{tenantdb_redis.prefix}:rl:token-bucket/{{{ORG}:{user}}}/agent/5/1/minute"
+    assert _key(user) == key
     assert tenantdb_redis.client.exists(key)
     # One token spent refills in 12 s; a full refill is 60 s.
     assert 11_000 < _pttl(tenantdb_redis.client, key) <= 12_000
@@ -231,8 +234,8 @@ def test_key_is_hash_tagged_with_ttl_of_one_refill(tenantdb_redis: TestRedis, us
 
 def test_reset_rate_limit_refills_bucket(tenantdb_redis: TestRedis, user: str) -> None:
     _burst(user, "agent", 5)
-    assert reset_rate_limit(user, "agent") is True
-    assert check_rate_limit(user, "agent").remaining == 4
+    assert reset_rate_limit(user, "agent", org_id=ORG) is True
+    assert check_rate_limit(user, "agent", org_id=ORG).remaining == 4
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
@@ -249,25 +252,82 @@ def test_moving_window_bucket_uses_limits_strategy(user: str) -> None:
 def test_switching_strategy_keeps_keys_apart(user: str) -> None:
     # limits' fixed and moving windows share key names; a live switch would hit WRONGTYPE.
     for strategy in ("fixed-window", "moving-window", "sliding-window-counter", "token-bucket"):
-        result = check_rate_limit(user, BucketSpec("switch", limit=3, strategy=strategy))
+        spec = BucketSpec("switch", limit=3, strategy=strategy)
+        result = check_rate_limit(user, spec, org_id=ORG)
         assert (result.allowed, result.remaining, result.degraded) == (True, 2, False)
 
 
-def test_limiter_test_and_window_stats_take_no_token(
-    tenantdb_redis: TestRedis, user: str
+# ORGS, ITEMS AND IDS
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_twin_orgs_same_user_id_have_independent_buckets(user: str) -> None:
+    twin = str(uuid.uuid4())
+    assert [r.allowed for r in _burst(user, "agent", 6)] == [True] * 5 + [False]
+    assert check_rate_limit(user, "agent", org_id=twin).remaining == 4
+    assert reset_rate_limit(user, "agent", org_id=twin) is True
+    assert not check_rate_limit(user, "agent", org_id=ORG).allowed  # the twin's reset only
+
+
+def test_two_orgs_keys_name_their_org(tenantdb_redis: TestRedis, user: str) -> None:
+    twin = str(uuid.uuid4())
+    check_rate_limit(user, "agent", org_id=ORG)
+    check_rate_limit(uuid.UUID(user), "agent", org_id=uuid.UUID(twin))
+    keys = {k.decode() for k in tenantdb_redis.client.keys(f"{tenantdb_redis.prefix}:*")}
+    assert keys == {_key(user), _key(user, twin)}
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_two_limit_items_never_share_a_bucket(user: str) -> None:
+    per_minute = BucketSpec("api", limit=5, period_s=60)
+    per_second = BucketSpec("api", limit=10, period_s=1)
+    assert [r.allowed for r in _burst(user, per_minute, 6)] == [True] * 5 + [False]
+    assert check_rate_limit(user, per_second, org_id=ORG).remaining == 9
+    assert reset_rate_limit(user, per_second, org_id=ORG) is True
+    assert not check_rate_limit(user, per_minute, org_id=ORG).allowed
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
+def test_every_spelling_of_a_user_id_is_one_bucket(user: str) -> None:
+    spellings = [user, user.upper(), f"{{{user}}}", user.replace("-", ""), uuid.UUID(user)]
+    results = [check_rate_limit(s, "agent", org_id=ORG) for s in spellings]
+    assert [r.remaining for r in results] == [4, 3, 2, 1, 0]
+
+
+BAD_USER_IDS = [None, b"u", uuid.uuid4().bytes, 5, True, 1.5, "", "u",
+                "not-a-uuid", "a{b", f"{uuid.uuid4()}}}x", ["x"]]
+BAD_ORG_IDS = [None, "", 0, 5, b"org", "org-1", str(uuid.uuid4())[:-1]]
+
+
+@pytest.mark.parametrize("user_id", BAD_USER_IDS)
+def test_bad_user_id_is_refused_before_any_redis_command(
+    tenantdb_redis: TestRedis, user_id: object
 ) -> None:
-    limiter = TokenBucketRateLimiter(storage_from_string(tenantdb_redis.url))
-    item = RateLimitItemPerSecond(2, 60)
-    assert limiter.test(item, user)
-    assert limiter.get_window_stats(item, user).remaining == 2
-    assert limiter.hit(item, user, cost=2)
-    assert not limiter.test(item, user)
-    stats = limiter.get_window_stats(item, user)
-    assert stats.remaining == 0
-    redis_now: tuple[int, int] = tenantdb_redis.client.time()  # type: ignore[assignment]
-    assert 59 < stats.reset_time - redis_now[0] <= 61
-    limiter.clear(item, user)
-    assert limiter.get_window_stats(item, user).remaining == 2
+    before = _command_calls(tenantdb_redis.client)
+    with pytest.raises(ValueError, match="user_id must be a UUID"):
+        check_rate_limit(user_id, "agent", org_id=ORG)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="user_id must be a UUID"):
+        reset_rate_limit(user_id, "agent", org_id=ORG)  # type: ignore[arg-type]
+    assert _command_calls(tenantdb_redis.client) == before
+
+
+@pytest.mark.parametrize("org_id", BAD_ORG_IDS)
+def test_missing_or_bad_org_is_refused_before_any_redis_command(
+    tenantdb_redis: TestRedis, user: str, org_id: object
+) -> None:
+    before = _command_calls(tenantdb_redis.client)
+    with pytest.raises(MissingOrgError, match=r"check_rate_limit\(\)"):
+        check_rate_limit(user, "agent", org_id=org_id)  # type: ignore[arg-type]
+    with pytest.raises(MissingOrgError, match=r"reset_rate_limit\(\)"):
+        reset_rate_limit(user, "agent", org_id=org_id)  # type: ignore[arg-type]
+    assert _command_calls(tenantdb_redis.client) == before
+
+
+def test_org_id_is_a_required_keyword() -> None:
+    with pytest.raises(TypeError, match="org_id"):
+        check_rate_limit(str(uuid.uuid4()), "agent")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        check_rate_limit(str(uuid.uuid4()), "agent", None, ORG)  # type: ignore[misc]
 
 
 # ARGUMENT CHECKS (before any Redis call: no URL is configured here)
@@ -275,27 +335,27 @@ def test_limiter_test_and_window_stats_take_no_token(
 
 @pytest.mark.parametrize(
     ("bucket", "limit"),
-    [("nope", None), ("agent", 0), ("agent", -5), ("", None)],
+    [("nope", None), ("agent", 0), ("agent", -5), ("", None), ("agent", 2.5), ("agent", "5"),
+     ("agent", True)],
 )
 def test_bad_bucket_or_limit_raises_value_error(bucket: str, limit: int | None) -> None:
     with override_settings(redis_url=None), pytest.raises(ValueError, match=r"bucket|limit"):
-        check_rate_limit("u", bucket, limit_per_minute=limit)
-
-
-@pytest.mark.parametrize("user_id", ["", "a{b", "a}b"])
-def test_bad_user_id_raises_value_error(user_id: str) -> None:
-    with override_settings(redis_url=None), pytest.raises(ValueError, match="user_id"):
-        check_rate_limit(user_id, "agent")
+        check_rate_limit(str(uuid.uuid4()), bucket, limit_per_minute=limit, org_id=ORG)
 
 
 def test_missing_redis_url_raises_configuration_error() -> None:
     with override_settings(redis_url=None), pytest.raises(ConfigurationError, match="REDIS_URL"):
-        check_rate_limit("u", "agent")
+        check_rate_limit(str(uuid.uuid4()), "agent", org_id=ORG)
 
 
 def test_unknown_strategy_raises_value_error() -> None:
     with pytest.raises(ValueError, match="strategy"):
         BucketSpec("x", 1, strategy="leaky")
+
+
+def test_bucket_too_fine_to_refill_exactly_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="exactly"):
+        BucketSpec("x", 9_999_991, period_s=86_400)
 
 
 def test_token_bucket_on_memory_storage_raises_configuration_error() -> None:
@@ -306,34 +366,44 @@ def test_token_bucket_on_memory_storage_raises_configuration_error() -> None:
 # FAILURE MODES
 
 
+def _degraded(*, allowed: bool, limit: int, policy: str) -> RateLimitResult:
+    # A degraded result: the bucket's failure mode, no counts, marked as an outage.
+    return RateLimitResult(
+        allowed=allowed, limit=limit, window_seconds=60, policy=policy, remaining=None,
+        reset_after_seconds=None, retry_after_seconds=None,
+        reason=RateLimitReason.REDIS_UNAVAILABLE,
+    )
+
+
 def _timed_check(user_id: str, bucket: str) -> tuple[RateLimitResult, float]:
     started = time.monotonic()
-    result = check_rate_limit(user_id, bucket)
+    result = check_rate_limit(user_id, bucket, org_id=ORG)
     return result, time.monotonic() - started
 
 
 def test_killed_redis_fails_in_bucket_mode_then_recovers(
     dedicated_redis: RedisServer, user: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert not check_rate_limit(user, "agent").degraded
+    assert not check_rate_limit(user, "agent", org_id=ORG).degraded
     dedicated_redis.stop()
     with caplog.at_level(logging.DEBUG, logger="tenantdb.ratelimit"):
         agent, agent_s = _timed_check(user, "agent")
         crud, crud_s = _timed_check(user, "crud")
-    assert agent == RateLimitResult(False, 5, None, None, degraded=True)
-    assert crud == RateLimitResult(True, 60, None, None, degraded=True)
+    assert agent == _degraded(allowed=False, limit=5, policy="agent")
+    assert crud == _degraded(allowed=True, limit=60, policy="crud")
+    assert agent.degraded and crud.degraded
     assert max(agent_s, crud_s) <= TIMEOUT_S + SLACK_S
     levels = [r.levelno for r in caplog.records if r.name == "tenantdb.ratelimit"]
     assert levels == [logging.WARNING, logging.DEBUG]
     dedicated_redis.start()
-    recovered = check_rate_limit(user, "agent")
+    recovered = check_rate_limit(user, "agent", org_id=ORG)
     assert (recovered.allowed, recovered.remaining, recovered.degraded) == (True, 4, False)
 
 
 def test_hung_redis_returns_within_timeout_then_recovers(
     dedicated_redis: RedisServer, user: str
 ) -> None:
-    assert not check_rate_limit(user, "crud").degraded
+    assert not check_rate_limit(user, "crud", org_id=ORG).degraded
     dedicated_redis.pause()
     try:
         agent, agent_s = _timed_check(user, "agent")
@@ -342,7 +412,7 @@ def test_hung_redis_returns_within_timeout_then_recovers(
         dedicated_redis.resume()
     assert (agent.allowed, agent.degraded, crud.allowed, crud.degraded) == (False, True, True, True)
     assert max(agent_s, crud_s) <= TIMEOUT_S + SLACK_S
-    recovered = check_rate_limit(user, "crud")
+    recovered = check_rate_limit(user, "crud", org_id=ORG)
     assert recovered.degraded is False
     assert recovered.allowed
 
@@ -365,14 +435,14 @@ def test_cluster_burst_and_independence(cluster_url: str) -> None:
         assert [r.remaining for r in results] == [4, 3, 2, 1, 0, 0]
         assert [r.allowed for r in results] == [True] * 5 + [False]
     # The keys exist under their hash tags, spread over more than one master.
-    keys = [_cluster_key(u) for u in users]
+    keys = [_key(u) for u in users]
     with _cluster_client(cluster_url) as cluster:
         assert all(cluster.exists(key) for key in keys)
         assert len({cluster.get_node_from_key(key).name for key in keys}) > 1
 
 
 def test_cluster_concurrent_checks_allow_exactly_the_limit(cluster_url: str, user: str) -> None:
-    check_rate_limit(str(uuid.uuid4()), "agent")
+    check_rate_limit(str(uuid.uuid4()), "agent", org_id=ORG)
     assert sum(r.allowed for r in _race(user, "agent", 20)) == 5
 
 
@@ -388,21 +458,21 @@ def test_cluster_hung_master_degrades_only_its_users(
 ) -> None:
     users = [str(uuid.uuid4()) for _ in range(12)]
     with _cluster_client(cluster_url) as cluster:
-        ports = {u: cluster.get_node_from_key(_cluster_key(u)).port for u in users}
+        ports = {u: cluster.get_node_from_key(_key(u)).port for u in users}
     victim = cluster_nodes[1]
     on_victim = [u for u in users if ports[u] == victim.port]
     elsewhere = [u for u in users if ports[u] != victim.port]
     assert on_victim and elsewhere
     with override_settings(redis_socket_timeout_s=TIMEOUT_S):
         for u in users:
-            check_rate_limit(u, "agent")
+            check_rate_limit(u, "agent", org_id=ORG)
         victim.pause()
         try:
             hung, hung_s = _timed_check(on_victim[0], "agent")
-            fine = check_rate_limit(elsewhere[0], "agent")
+            fine = check_rate_limit(elsewhere[0], "agent", org_id=ORG)
         finally:
             victim.resume()
-        recovered = check_rate_limit(on_victim[0], "agent")
+        recovered = check_rate_limit(on_victim[0], "agent", org_id=ORG)
     assert (hung.allowed, hung.degraded, fine.remaining, fine.degraded) == (False, True, 3, False)
     assert hung_s <= TIMEOUT_S + SLACK_S
     assert (recovered.degraded, recovered.allowed) == (False, True)

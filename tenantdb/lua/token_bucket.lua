@@ -1,59 +1,53 @@
 -- Token bucket as GCRA (generic cell rate algorithm), decided in one round trip.
 --
--- KEYS[1]  the bucket key; it holds the theoretical arrival time (TAT) in microseconds.
--- ARGV[1]  capacity: tokens in a full bucket (the burst), a positive integer.
--- ARGV[2]  period in microseconds: a full bucket refills in this time.
--- ARGV[3]  cost: tokens to take (0 only peeks).
--- ARGV[4]  "1" to consume on success, "0" to only test.
+-- Time is counted in ticks of 1/ARGV[1] microsecond, a unit the caller picks so that one
+-- token's refill time is a whole number of ticks: refill is exact at any rate, with no
+-- rounded interval. The key holds "<Redis time, us> <debt, ticks>": how far the bucket's
+-- theoretical arrival time was ahead of that time, i.e. the tokens owed, in ticks.
 --
--- Returns one status line "<allowed 0/1> <remaining> <retry after us, -1 = never> <TAT us>".
--- All arithmetic stays on integers below 2^53, so Lua's doubles keep it exact.
+-- KEYS[1]  the bucket key.
+-- ARGV[1]  ticks per microsecond.
+-- ARGV[2]  ticks per token: the refill time of one token.
+-- ARGV[3]  capacity: tokens in a full bucket (the burst).
+-- ARGV[4]  cost: tokens to take (0 only looks).
+-- ARGV[5]  "1" to take them if allowed, "0" to only test.
+--
+-- Returns one status line "<allowed 0/1> <remaining> <retry after us, -1 = never>
+-- <us until full>". The caller keeps capacity * ticks per token below 2^52, so every
+-- number here is an integer a Lua double holds exactly. Needs Redis >= 5, where scripts
+-- replicate their effects, so TIME before a write is allowed.
 
--- Redis < 5 replicates scripts verbatim; TIME would then differ on replicas.
-if redis.replicate_commands then
-    redis.replicate_commands()
-end
-
--- One status line rather than an array: redis-py parses it in a single read where an
--- array costs a read per element, a measurable share of a round trip on a local socket.
-local function reply(allowed, remaining, wait, tat)
-    return redis.status_reply(string.format("%d %d %.0f %.0f", allowed, remaining, wait, tat))
-end
-
-local capacity = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local consume = ARGV[4] == "1"
+local per_us = tonumber(ARGV[1])
+local per_token = tonumber(ARGV[2])
+local burst = per_token * tonumber(ARGV[3])
+local need = per_token * tonumber(ARGV[4])
 
 -- The server's clock, never the caller's: every client sees one timeline.
-local time = redis.call("TIME")
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local clock = redis.call("TIME")
+local now = clock[1] * 1000000 + clock[2]
 
--- Rounding the interval up keeps it an integer; the bucket then refills at most
--- `capacity` microseconds slower per period than asked, never faster.
-local interval = math.ceil(period / capacity)
-local tolerance = interval * capacity
-
-local tat = tonumber(redis.call("GET", KEYS[1])) or now
-if tat < now then
-    tat = now
+local debt = 0
+local saved = redis.call("GET", KEYS[1])
+if saved then
+    local at, owed = string.match(saved, "^(%d+) (%d+)$")
+    if at then
+        -- max(): a clock that went back (a failover) refills nothing rather than adds debt.
+        debt = math.max(owed - math.max(now - at, 0) * per_us, 0)
+    end
 end
 
-if cost > capacity then
-    return reply(0, math.floor((tolerance - (tat - now)) / interval), -1, tat)
+local after = debt + need
+local wait = 0
+if after > burst then
+    -- Denied: nothing is written, so a refused call costs the caller nothing.
+    wait = need > burst and -1 or math.ceil((after - burst) / per_us)
+elseif need > 0 and ARGV[5] == "1" then
+    -- The key lives until the bucket is full again, never longer.
+    redis.call("SET", KEYS[1], string.format("%.0f %.0f", now, after),
+               "PX", math.ceil(after / per_us / 1000))
+    debt = after
 end
 
-local new_tat = tat + cost * interval
-local wait = new_tat - tolerance - now
-if wait > 0 then
-    -- Denied: nothing is written, so a rejected call costs the caller nothing.
-    return reply(0, math.floor((tolerance - (tat - now)) / interval), wait, tat)
-end
-
-if consume and cost > 0 then
-    -- The key lives exactly until the bucket is full again: no longer than one refill.
-    local ttl_ms = math.ceil((new_tat - now) / 1000)
-    redis.call("SET", KEYS[1], string.format("%.0f", new_tat), "PX", ttl_ms)
-    tat = new_tat
-end
-return reply(1, math.floor((tolerance - (tat - now)) / interval), 0, tat)
+-- One status line rather than an array: redis-py parses it in a single read.
+return redis.status_reply(string.format("%d %d %.0f %.0f", wait == 0 and 1 or 0,
+    math.floor((burst - debt) / per_token), wait, math.ceil(debt / per_us)))
