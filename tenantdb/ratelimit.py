@@ -574,8 +574,17 @@ class _AsyncBackend(_Backend):
         await self._limiter(spec.strategy).clear(spec.item(), tag, spec.name)
 
     async def aclose(self) -> None:
-        if self._storage is not None:
-            await self._storage.bridge.get_connection().aclose()
+        if self._storage is None:
+            return
+        bridge = self._storage.bridge
+        # A sentinel's master client shares a pool it did not create, so it would leave
+        # it open; the sentinels' own clients are closed too.
+        sentinels = getattr(getattr(bridge, "sentinel", None), "sentinels", [])
+        for client in (bridge.get_connection(), *sentinels):
+            if isinstance(client, redis.asyncio.Redis):
+                await client.aclose(close_connection_pool=True)
+            else:
+                await client.aclose()
 
     def _limiter(self, strategy: str) -> Any:
         limiter = self._limiters.get(strategy)
