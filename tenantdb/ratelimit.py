@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import redis
@@ -66,7 +66,7 @@ from .ratelimit_strategy import (
     AsyncTokenBucketRateLimiter,
     TokenBucketRateLimiter,
     TokenBucketState,
-    parse_reply,
+    reply_fields,
     script_args,
 )
 from .settings import Settings, get_settings
@@ -94,6 +94,8 @@ _BUCKET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A canonical UUID passes without being parsed: the common case costs one match.
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
+# The default buckets' limits per minute, by Settings field.
+_LIMIT_SETTINGS = {"agent": "rate_limit_agent_per_minute", "crud": "rate_limit_crud_per_minute"}
 # Declared failure modes: CRUD keeps the app usable through an outage, while agent runs
 # are expensive enough that an unmetered burst costs more than a refusal.
 _FAIL_OPEN = {"agent": False, "crud": True}
@@ -114,6 +116,7 @@ _GRANULARITIES: tuple[tuple[int, type[RateLimitItem]], ...] = (
 # Stands for the org/user hash tag while a bucket's key template is built.
 _TAG_MARK = "\x00"
 _MAX_CLIENTS_PER_LOOP = 16
+_MAX_PLANS = 256
 
 
 # PUBLIC TYPES
@@ -131,9 +134,11 @@ class RateLimitReason(str, enum.Enum):
     REDIS_UNAVAILABLE = "redis_unavailable"
 
 
-@dataclass(frozen=True, kw_only=True)
-class RateLimitResult:
+class RateLimitResult(NamedTuple):
     """The outcome of one check; every field renders as a rate-limit header value.
+
+    Immutable, a named tuple like ``limits``' ``WindowStats`` (cheaper to build than a
+    frozen dataclass, on a path that costs microseconds); read it by field name.
 
     :param allowed: the call may go ahead.
     :param limit: tokens in a full bucket: the burst (IETF ``RateLimit-Policy`` ``q``).
@@ -217,11 +222,11 @@ def bucket_spec(name: str) -> BucketSpec:
 
     :raises ValueError: the bucket is unknown, or its configured limit is not positive.
     """
-    limits_by_name = _configured_limits(get_settings())
-    if name not in limits_by_name:
-        known = ", ".join(repr(n) for n in limits_by_name)
+    setting = _LIMIT_SETTINGS.get(name) if isinstance(name, str) else None
+    if setting is None:
+        known = ", ".join(repr(n) for n in _LIMIT_SETTINGS)
         raise ValueError(f"unknown rate-limit bucket {name!r}: use {known}, or pass a BucketSpec")
-    return _default_spec(name, limits_by_name[name])
+    return _default_spec(name, getattr(get_settings(), setting))
 
 
 def check_rate_limit(
@@ -356,13 +361,6 @@ def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _configured_limits(settings: Settings) -> dict[str, int]:
-    return {
-        "agent": settings.rate_limit_agent_per_minute,
-        "crud": settings.rate_limit_crud_per_minute,
-    }
-
-
 # Specs are immutable and checked on creation: build each once per limit.
 @functools.lru_cache(maxsize=64)
 def _default_spec(name: str, limit: int) -> BucketSpec:
@@ -398,11 +396,14 @@ def _limit_item(spec: BucketSpec) -> RateLimitItem:
 
 
 def _bucket_result(spec: BucketSpec, reply: bytes) -> RateLimitResult:
-    state = parse_reply(reply)
-    retry = None
-    if not state.allowed and state.retry_after is not None:
-        retry = max(1, math.ceil(state.retry_after))
-    return _result(spec, state.allowed, state.remaining, math.ceil(state.reset_after), retry)
+    allowed, remaining, wait_us, full_us = reply_fields(reply)
+    # Whole seconds, rounded up: -(-a // b) is ceil in integers. A refusal waits >= 1 us.
+    reset = -(-full_us // _MICROSECONDS)
+    if allowed:
+        return RateLimitResult(True, spec.limit, spec.period_s, spec.name, remaining, reset,
+                               None, RateLimitReason.WITHIN_LIMIT)
+    retry = None if wait_us < 0 else -(-wait_us // _MICROSECONDS)
+    return _result(spec, False, remaining, reset, retry)
 
 
 def _window_result(spec: BucketSpec, allowed: bool, stats: WindowStats) -> RateLimitResult:
@@ -442,6 +443,7 @@ def _reset_failed(spec: BucketSpec, exc: Exception) -> bool:
 class _Plan:
     """A bucket's key around its hash tag, and its script arguments (token bucket only)."""
 
+    spec: BucketSpec
     head: str
     tail: str
     args: tuple[bytes, ...] | None
@@ -479,7 +481,8 @@ class _Backend:
         self._args = (url, prefix, timeout)
         self._storage: Any = None
         self._limiters: dict[str, Any] = {}
-        self._plans: dict[BucketSpec, _Plan] = {}
+        # By the spec's identity: hashing a spec's fields on every call costs more.
+        self._plans: dict[int, _Plan] = {}
         self._lock = threading.Lock()
         # An outage logs one warning per interval, not one per request.
         self._warned_at = -math.inf
@@ -498,15 +501,17 @@ class _Backend:
         return _degraded_result(spec)
 
     def _plan(self, spec: BucketSpec, limiter: Any) -> _Plan:
-        plan = self._plans.get(spec)
-        if plan is None:
+        plan = self._plans.get(id(spec))
+        if plan is None or plan.spec is not spec:
             # The limiter's own key for (tag, name), cut at the tag: the key a call builds
             # is the one limits' API (clear, get_window_stats) uses.
             full = self._storage_key(spec.item().key_for(_TAG_MARK, spec.name))
             head, tail = full.split(_TAG_MARK)
             token_bucket = isinstance(limiter, TokenBucketRateLimiter | AsyncTokenBucketRateLimiter)
             args = script_args(spec.limit, spec.period_s, 1, True) if token_bucket else None
-            plan = self._plans.setdefault(spec, _Plan(head, tail, args))
+            if len(self._plans) >= _MAX_PLANS:  # specs built per call must not pile up
+                self._plans.clear()
+            plan = self._plans[id(spec)] = _Plan(spec, head, tail, args)
         return plan
 
     def _storage_key(self, key: str) -> str:

@@ -19,9 +19,8 @@ import functools
 import hashlib
 import math
 import time
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import limits.aio.storage
 import limits.aio.strategies
@@ -40,6 +39,7 @@ __all__ = [
     "TokenBucketRateLimiter",
     "TokenBucketState",
     "parse_reply",
+    "reply_fields",
     "script_args",
 ]
 
@@ -55,8 +55,7 @@ _MICROSECONDS = 1_000_000
 _EXACT_LIMIT = 2**52
 
 
-@dataclass(frozen=True)
-class TokenBucketState:
+class TokenBucketState(NamedTuple):
     """What the script decided, all from one round trip.
 
     :param allowed: the tokens were (or, for a test, could be) taken.
@@ -95,9 +94,15 @@ def script_args(amount: int, period_s: int, cost: int, consume: bool) -> tuple[b
     return tuple(str(n).encode() for n in (per_us, per_token, amount, cost, int(consume)))
 
 
+def reply_fields(reply: bytes | str) -> tuple[int, ...]:
+    """The script's status line as integers: allowed (0/1), remaining, retry-after in
+    microseconds (-1: never), microseconds until full."""
+    return tuple(map(int, reply.split()))
+
+
 def parse_reply(reply: bytes | str) -> TokenBucketState:
     """The script's status line as a :class:`TokenBucketState`."""
-    allowed, remaining, wait_us, full_us = (int(field) for field in reply.split())
+    allowed, remaining, wait_us, full_us = reply_fields(reply)
     return TokenBucketState(
         allowed=allowed == 1,
         remaining=remaining,

@@ -149,18 +149,27 @@ def test_async_script_reloads_after_script_flush(tenantdb_redis: TestRedis, user
 # CONCURRENCY
 
 
-@pytest.mark.usefixtures("tenantdb_redis")
+@pytest.fixture
+def patient_redis(tenantdb_redis: TestRedis) -> Iterator[TestRedis]:
+    """The test Redis with a timeout long enough that a cold pool opening a connection per
+    gathered check on a loaded machine is never taken for an outage."""
+    with override_settings(redis_socket_timeout_s=10.0):
+        yield tenantdb_redis
+
+
+@pytest.mark.usefixtures("patient_redis")
 def test_gathered_checks_allow_exactly_the_burst(user: str) -> None:
     async def work() -> list[RateLimitResult]:
         checks = (acheck_rate_limit(user, "agent", org_id=ORG) for _ in range(50))
         return list(await asyncio.gather(*checks))
 
     results = run(work)
+    assert not any(r.degraded for r in results)
     assert sum(r.allowed for r in results) == 5
     assert sorted(r.remaining or 0 for r in results if r.allowed) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.usefixtures("tenantdb_redis")
+@pytest.mark.usefixtures("patient_redis")
 def test_gathered_checks_of_many_users_each_get_their_burst() -> None:
     users = [str(uuid.uuid4()) for _ in range(10)]
 
@@ -169,6 +178,7 @@ def test_gathered_checks_of_many_users_each_get_their_burst() -> None:
         return list(await asyncio.gather(*checks))
 
     results = run(work)
+    assert not any(r.degraded for r in results)
     assert sum(r.allowed for r in results) == 5 * len(users)
 
 
