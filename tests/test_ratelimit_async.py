@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import redis
-from redis_cluster import RedisServer, free_port, redis_sentinel
+from redis_cluster import RedisServer, command_calls, dedicated_server, free_port, redis_sentinel
 
 from tenantdb.errors import ConfigurationError, MissingOrgError
 from tenantdb.pytest_plugin import TestRedis
@@ -49,26 +48,9 @@ async def burst(user: str, bucket: str | BucketSpec, count: int) -> list[RateLim
     return [await acheck_rate_limit(user, bucket, org_id=ORG) for _ in range(count)]
 
 
-def _command_calls(client: redis.Redis) -> dict[str, int]:
-    stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
-    return {name: int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info"}
-
-
 @pytest.fixture
 def user() -> str:
     return str(uuid.uuid4())
-
-
-@pytest.fixture
-def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own, to kill or freeze; checks give up after TIMEOUT_S."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        with override_settings(redis_url=server.url, redis_socket_timeout_s=TIMEOUT_S):
-            yield server
-    finally:
-        server.stop()
 
 
 # SEMANTICS: the sync path's, through the async client
@@ -125,10 +107,10 @@ def test_async_moving_window_uses_limits_async_strategy(user: str) -> None:
 def test_async_check_sends_exactly_one_redis_command(tenantdb_redis: TestRedis, user: str) -> None:
     async def work() -> dict[str, int]:
         await acheck_rate_limit(user, "crud", org_id=ORG)  # connect, load the script
-        before = _command_calls(tenantdb_redis.client)
+        before = command_calls(tenantdb_redis.client)
         for _ in range(10):
             await acheck_rate_limit(user, "crud", org_id=ORG)
-        after = _command_calls(tenantdb_redis.client)
+        after = command_calls(tenantdb_redis.client)
         return {name: n - before.get(name, 0) for name, n in after.items()}
 
     delta = {name: n for name, n in run(work).items() if n}
@@ -189,12 +171,12 @@ def test_gathered_checks_of_many_users_each_get_their_burst() -> None:
 def test_async_bad_user_id_is_refused_before_redis(
     tenantdb_redis: TestRedis, user_id: object
 ) -> None:
-    before = _command_calls(tenantdb_redis.client)
+    before = command_calls(tenantdb_redis.client)
     with pytest.raises(ValueError, match="user_id must be a UUID"):
         run(lambda: acheck_rate_limit(user_id, "agent", org_id=ORG))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="user_id must be a UUID"):
         run(lambda: areset_rate_limit(user_id, "agent", org_id=ORG))  # type: ignore[arg-type]
-    assert _command_calls(tenantdb_redis.client) == before
+    assert command_calls(tenantdb_redis.client) == before
 
 
 @pytest.mark.parametrize("org_id", [None, "", b"o", "org"])
@@ -209,6 +191,13 @@ def test_async_missing_redis_url_raises_configuration_error(user: str) -> None:
 
 
 # FAILURE MODES: the loop keeps running while a check waits
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, to kill or freeze; checks give up after TIMEOUT_S."""
+    with dedicated_server(tmp_path / "redis", TIMEOUT_S) as server:
+        yield server
 
 
 async def _check_while_ticking(user: str, bucket: str) -> tuple[RateLimitResult, float, int]:
