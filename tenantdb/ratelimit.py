@@ -59,7 +59,7 @@ from limits.util import WindowStats
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .context import OrgLike, require_org
+from .context import OrgLike, parse_uuid, require_org
 from .errors import ConfigurationError
 from .ratelimit_strategy import (
     TOKEN_BUCKET,
@@ -281,15 +281,22 @@ async def acheck_rate_limit(
         return backend.degrade(spec, exc)
 
 
-def reset_rate_limit(user_id: UUID | str, bucket: str | BucketSpec, *, org_id: OrgLike) -> bool:
+def reset_rate_limit(
+    user_id: UUID | str,
+    bucket: str | BucketSpec,
+    *,
+    org_id: OrgLike,
+    limit_per_minute: int | None = None,
+) -> bool:
     """Refill the bucket of ``user_id`` in ``org_id`` (delete its key).
 
+    :param limit_per_minute: the override the checks used: a bucket's key names its limit.
     :returns: ``False`` if Redis could not be reached (the failure is logged).
     :raises MissingOrgError: ``org_id`` is missing or not a UUID.
     :raises ValueError: a bad user id or an unknown bucket.
     :raises ConfigurationError: no Redis URL is configured, or ``limits`` rejects it.
     """
-    spec, tag = _request(user_id, bucket, None, org_id, "reset_rate_limit()")
+    spec, tag = _request(user_id, bucket, limit_per_minute, org_id, "reset_rate_limit()")
     backend = _sync_backend(get_settings())
     try:
         backend.reset(spec, tag)
@@ -299,10 +306,14 @@ def reset_rate_limit(user_id: UUID | str, bucket: str | BucketSpec, *, org_id: O
 
 
 async def areset_rate_limit(
-    user_id: UUID | str, bucket: str | BucketSpec, *, org_id: OrgLike
+    user_id: UUID | str,
+    bucket: str | BucketSpec,
+    *,
+    org_id: OrgLike,
+    limit_per_minute: int | None = None,
 ) -> bool:
     """:func:`reset_rate_limit`, awaited on redis-py's asyncio client."""
-    spec, tag = _request(user_id, bucket, None, org_id, "areset_rate_limit()")
+    spec, tag = _request(user_id, bucket, limit_per_minute, org_id, "areset_rate_limit()")
     backend = _async_backend(get_settings())
     try:
         await backend.reset(spec, tag)
@@ -338,23 +349,13 @@ def _org_text(org_id: object, where: str) -> str:
 def _user_text(user_id: object, where: str) -> str:
     if type(user_id) is str and _CANONICAL_UUID.fullmatch(user_id):
         return user_id
-    if isinstance(user_id, UUID):
-        return str(user_id)
-    if isinstance(user_id, str):
-        with_text = _parse_uuid_text(user_id)
-        if with_text is not None:
-            return with_text
-    raise ValueError(
-        f"{where}: user_id must be a UUID (uuid.UUID or its text), not {user_id!r}"
-    )
-
-
-def _parse_uuid_text(text: str) -> str | None:
     # Any spelling uuid.UUID accepts (upper case, braces, no dashes) keys one bucket.
-    try:
-        return str(UUID(text))
-    except ValueError:
-        return None
+    user = parse_uuid(user_id)
+    if user is None:
+        raise ValueError(
+            f"{where}: user_id must be a UUID (uuid.UUID or its text), not {user_id!r}"
+        )
+    return str(user)
 
 
 def _positive_int(value: object) -> bool:

@@ -46,7 +46,8 @@ __all__ = [
 #: The strategy's name, beside ``limits``' own (``"moving-window"`` ...).
 TOKEN_BUCKET = "token-bucket"
 
-SCRIPT = resources.files("tenantdb").joinpath("lua", "token_bucket.lua").read_text("utf-8")
+# One name per joinpath: several at once need Python 3.11.
+SCRIPT = resources.files("tenantdb").joinpath("lua").joinpath("token_bucket.lua").read_text("utf-8")
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 _MICROSECONDS = 1_000_000

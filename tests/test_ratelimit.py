@@ -287,6 +287,15 @@ def test_two_limit_items_never_share_a_bucket(user: str) -> None:
 
 
 @pytest.mark.usefixtures("tenantdb_redis")
+def test_reset_of_an_overridden_limit_names_the_override(user: str) -> None:
+    _burst(user, "agent", 5)
+    assert not check_rate_limit(user, "agent", limit_per_minute=1, org_id=ORG).remaining
+    assert reset_rate_limit(user, "agent", limit_per_minute=1, org_id=ORG)
+    assert check_rate_limit(user, "agent", limit_per_minute=1, org_id=ORG).allowed
+    assert not check_rate_limit(user, "agent", org_id=ORG).allowed  # its own bucket kept
+
+
+@pytest.mark.usefixtures("tenantdb_redis")
 def test_every_spelling_of_a_user_id_is_one_bucket(user: str) -> None:
     spellings = [user, user.upper(), f"{{{user}}}", user.replace("-", ""), uuid.UUID(user)]
     results = [check_rate_limit(s, "agent", org_id=ORG) for s in spellings]
