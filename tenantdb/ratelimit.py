@@ -445,6 +445,7 @@ class _Plan:
     """A bucket's key around its hash tag, and its script arguments (token bucket only)."""
 
     spec: BucketSpec
+    limiter: Any
     head: str
     tail: str
     args: tuple[bytes, ...] | None
@@ -501,19 +502,26 @@ class _Backend:
             logger.debug("rate limit %s failing %s: Redis unavailable: %r", spec.name, mode, exc)
         return _degraded_result(spec)
 
-    def _plan(self, spec: BucketSpec, limiter: Any) -> _Plan:
+    def _plan(self, spec: BucketSpec) -> _Plan:
         plan = self._plans.get(id(spec))
         if plan is None or plan.spec is not spec:
-            # The limiter's own key for (tag, name), cut at the tag: the key a call builds
-            # is the one limits' API (clear, get_window_stats) uses.
-            full = self._storage_key(spec.item().key_for(_TAG_MARK, spec.name))
-            head, tail = full.split(_TAG_MARK)
-            token_bucket = isinstance(limiter, TokenBucketRateLimiter | AsyncTokenBucketRateLimiter)
-            args = script_args(spec.limit, spec.period_s, 1, True) if token_bucket else None
-            if len(self._plans) >= _MAX_PLANS:  # specs built per call must not pile up
-                self._plans.clear()
-            plan = self._plans[id(spec)] = _Plan(spec, head, tail, args)
+            plan = self._new_plan(spec, self._limiter(spec.strategy))
         return plan
+
+    def _new_plan(self, spec: BucketSpec, limiter: Any) -> _Plan:
+        # The limiter's own key for (tag, name), cut at the tag: the key a call builds is
+        # the one limits' API (clear, get_window_stats) uses.
+        full = self._storage_key(spec.item().key_for(_TAG_MARK, spec.name))
+        head, tail = full.split(_TAG_MARK)
+        token_bucket = isinstance(limiter, TokenBucketRateLimiter | AsyncTokenBucketRateLimiter)
+        args = script_args(spec.limit, spec.period_s, 1, True) if token_bucket else None
+        if len(self._plans) >= _MAX_PLANS:  # specs built per call must not pile up
+            self._plans.clear()
+        plan = self._plans[id(spec)] = _Plan(spec, limiter, head, tail, args)
+        return plan
+
+    def _limiter(self, strategy: str) -> Any:
+        raise NotImplementedError
 
     def _storage_key(self, key: str) -> str:
         return f"{self._args[1]}:{key}"
@@ -540,12 +548,12 @@ class _Backend:
 
 class _SyncBackend(_Backend):
     def decide(self, spec: BucketSpec, tag: str) -> RateLimitResult:
-        limiter = self._limiter(spec.strategy)
-        plan = self._plan(spec, limiter)
+        plan = self._plan(spec)
         if plan.args is not None:
-            return _bucket_result(spec, limiter.evaluate(plan.key(tag), plan.args))
-        allowed = limiter.hit(spec.item(), tag, spec.name)
-        return _window_result(spec, allowed, limiter.get_window_stats(spec.item(), tag, spec.name))
+            return _bucket_result(spec, plan.limiter.evaluate(plan.key(tag), plan.args))
+        allowed = plan.limiter.hit(spec.item(), tag, spec.name)
+        stats = plan.limiter.get_window_stats(spec.item(), tag, spec.name)
+        return _window_result(spec, allowed, stats)
 
     def reset(self, spec: BucketSpec, tag: str) -> None:
         self._limiter(spec.strategy).clear(spec.item(), tag, spec.name)
@@ -568,12 +576,11 @@ class _SyncBackend(_Backend):
 
 class _AsyncBackend(_Backend):
     async def decide(self, spec: BucketSpec, tag: str) -> RateLimitResult:
-        limiter = self._limiter(spec.strategy)
-        plan = self._plan(spec, limiter)
+        plan = self._plan(spec)
         if plan.args is not None:
-            return _bucket_result(spec, await limiter.evaluate(plan.key(tag), plan.args))
-        allowed = await limiter.hit(spec.item(), tag, spec.name)
-        stats = await limiter.get_window_stats(spec.item(), tag, spec.name)
+            return _bucket_result(spec, await plan.limiter.evaluate(plan.key(tag), plan.args))
+        allowed = await plan.limiter.hit(spec.item(), tag, spec.name)
+        stats = await plan.limiter.get_window_stats(spec.item(), tag, spec.name)
         return _window_result(spec, allowed, stats)
 
     async def reset(self, spec: BucketSpec, tag: str) -> None:
