@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from peewee import fn
 
-from .models import TENANT_MODELS, Org
-from .tenancy import cross_org
+from .models import Org
+from .seeds import seed_tables
+from .tenancy import TenantModel, cross_org
 
 __all__ = ["OrgSummary", "org_summary"]
 
@@ -24,7 +25,11 @@ class OrgSummary:
 
 
 def org_summary() -> list[OrgSummary]:
-    """Every org with its row counts per tenant table, ordered by name (one query per table)."""
+    """Every org with its row counts per tenant table, ordered by name (one query per table).
+
+    The tables are the package's and those of every application model imported so far.
+    """
+    models = [model for model in seed_tables().values() if issubclass(model, TenantModel)]
     with cross_org(reason="org summary report"):
         per_table: dict[str, dict[uuid.UUID, int]] = {
             model._meta.table_name: dict(
@@ -32,7 +37,7 @@ def org_summary() -> list[OrgSummary]:
                 .group_by(model.org_id)
                 .tuples()
             )
-            for model in TENANT_MODELS
+            for model in models
         }
         orgs = list(Org.select().order_by(Org.name, Org.id))
     return [
