@@ -7,9 +7,11 @@ database with ``tenantdb migrate --location`` and undoes it at the end.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,16 @@ from conftest import PYTHON, TwoOrgs, cli_env
 from tenantdb import migrate
 from tenantdb.db import TenantDatabase, database
 from tenantdb.errors import CrossOrgError, MigrationError, MissingOrgError, UnscopedQueryError
-from tenantdb.models import Destination
+from tenantdb.models import Destination, Org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.report import org_summary
+from tenantdb.retention import purge
 from tenantdb.seeds import load_seeds
+from tenantdb.table_retention import (
+    get_stale_rows,
+    register_retention_policy,
+    registered_retention_policies,
+)
 from tenantdb.tenancy import cross_org, execute_scoped, prefetch
 
 APP_HISTORY = "tenantdb_schema_history_trip_notes"
@@ -343,3 +351,101 @@ def test_new_table_writes_a_migration_undo_and_model_that_pass(
     assert owner_rows(empty_database_url, "SELECT to_regclass('trip_video'), "
                                           "to_regclass('trip_photo') IS NOT NULL") == [
         (None, True)]
+
+
+# -- the pytest plugin: ini options for an application's migrations and seeds -------------
+
+INNER_INI = """
+[pytest]
+tenantdb_migrations = app/trip_notes
+tenantdb_seeds = app/seeds
+"""
+INNER_SUITE = '''
+import uuid
+from tenantdb.tenancy import cross_org, execute_scoped
+from models import TripNote
+
+A = uuid.UUID("ef7aabab-e8d9-49cb-aa85-eefd28a8b7e6")
+
+def test_1_seeded_once_and_isolated(tenant_db):
+    rows = execute_scoped(A, "SELECT body FROM trip_note").fetchall()
+    assert rows == [("A: port cellars",)]
+    TripNote.delete(org_id=A).execute()
+
+def test_2_rolled_back(tenant_db):
+    assert [n.body for n in TripNote.select(org_id=A)] == ["A: port cellars"]
+
+def test_3_committed_empties(tenantdb_committed):
+    TripNote.delete(org_id=A).execute()
+
+def test_4_seeds_come_back(tenant_db, tenantdb_database):
+    assert [n.body for n in TripNote.select(org_id=A)] == ["A: port cellars"]
+    assert tenantdb_database.seed_files[0].name == "seeds"
+'''
+
+
+def test_plugin_migrates_and_seeds_an_application_from_its_ini(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+    tenantdb_database: TestDatabase,
+) -> None:
+    monkeypatch.setenv("TENANTDB_TEST_DATABASE_URL", tenantdb_database.url)
+    monkeypatch.setenv("TENANTDB_TEST_REDIS_URL", "redis://127.0.0.1:1/0")  # not used
+    app = pytester.path / "app"
+    for folder in ("trip_notes", "trip_notes_undo", "seeds"):
+        shutil.copytree(LOCATION.parent / folder, app / folder)
+    shutil.copy(LOCATION.parent / "models.py", pytester.path / "models.py")
+    pytester.makeini(INNER_INI)
+    pytester.makepyfile(test_app=INNER_SUITE)
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+    result.assert_outcomes(passed=4)
+
+
+# -- retention policies registered for application tables ---------------------------------
+
+
+def test_registered_retention_policies_purge_per_org_and_across(
+        tenantdb_committed: TenantDatabase) -> None:
+    a = Org.create(name="Org A", slug=f"a-{uuid.uuid4().hex[:10]}").id
+    b = Org.create(name="Org B", slug=f"b-{uuid.uuid4().hex[:10]}").id
+    old, fresh = uuid.uuid4(), uuid.uuid4()
+    long_ago = datetime.now(timezone.utc) - timedelta(days=40)
+    for org in (a, b):
+        dest = Destination.create(org_id=org, name="Porto")
+        board = TripBoard.create(org_id=org, title="Summer")
+        TripNote.create(org_id=org, id=old, board_id=board.id, destination_id=dest.id,
+                        body="old", created_at=long_ago)
+        TripNote.create(org_id=org, id=fresh, board_id=board.id, destination_id=dest.id,
+                        body="fresh")
+
+    assert [n.org_id for n in get_stale_rows("trip_notes", org_id=a)] == [a]
+    assert purge("trip_notes", batch_size=1, org_id=a) == 1
+    assert {n.id for n in TripNote.select(org_id=a)} == {fresh}
+    assert {n.id for n in TripNote.select(org_id=b)} == {old, fresh}
+
+    assert purge("trip_note_places", dry_run=True) == 1
+    assert purge("trip_note_places") == 1  # every org: only B's old note is left to scrub
+    assert TripNote.get_by_id(old, org_id=b).destination_id is None
+    assert TripNote.get_by_id(fresh, org_id=b).destination_id is not None
+    assert TripNote.get_by_id(fresh, org_id=a).destination_id is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"time_column": "body"}, "not a timestamp field"),
+     ({"window": timedelta(0)}, "positive timedelta"),
+     ({"action": "archive"}, "'delete' or 'scrub'"),
+     ({"action": "scrub", "scrub_columns": ("body",)}, "nullable, non-key"),
+     ({"scrub_columns": ("destination_id",)}, "go with action='scrub'")],
+)
+def test_bad_retention_registration_is_refused(kwargs: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"time_column": "created_at", "window": timedelta(days=1), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        register_retention_policy("bad_policy", TripNote, **args)
+    assert "bad_policy" not in registered_retention_policies()
+    with pytest.raises(ValueError, match="already registered"):
+        register_retention_policy("trip_notes", TripNote, time_column="created_at",
+                                  window=timedelta(days=1))
+    with pytest.raises(ValueError, match="unknown retention policy 'nope'"):
+        purge("nope")
