@@ -208,6 +208,9 @@ def _new_table(args: argparse.Namespace) -> int:
         raise ValueError(f"{name!r} is one of tenantdb's own tables: choose another name")
     folder: Path = args.location or next(iter(get_settings().migration_locations),
                                          Path("migrations"))
+    if folder.resolve() == migrate.MIGRATIONS_DIR.resolve():
+        raise ValueError(f"{folder} is tenantdb's own migrations folder: give the "
+                         "application's with --location PATH")
     existing = migrate.local_migrations(folder) if folder.is_dir() else []
     if existing:
         major, minor = (int(p) for p in existing[-1].version.split(".")[:2])

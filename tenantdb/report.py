@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from peewee import fn
 
+from .db import database
 from .models import Org
 from .seeds import seed_tables
 from .tenancy import TenantModel, cross_org
@@ -27,9 +28,12 @@ class OrgSummary:
 def org_summary() -> list[OrgSummary]:
     """Every org with its row counts per tenant table, ordered by name (one query per table).
 
-    The tables are the package's and those of every application model imported so far.
+    The tables are the package's and those of every application model imported so far
+    whose table exists (a model may be imported where its migrations were not applied).
     """
-    models = [model for model in seed_tables().values() if issubclass(model, TenantModel)]
+    existing = set(database.get_tables())
+    models = [model for model in seed_tables().values()
+              if issubclass(model, TenantModel) and model._meta.table_name in existing]
     with cross_org(reason="org summary report"):
         per_table: dict[str, dict[uuid.UUID, int]] = {
             model._meta.table_name: dict(

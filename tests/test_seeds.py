@@ -17,6 +17,7 @@ from tenantdb.db import TenantDatabase
 from tenantdb.embedder import Embedder, HashingEmbedder
 from tenantdb.errors import SeedError
 from tenantdb.models import Destination, Embedding, KnowledgeItem, Org, User
+from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.report import org_summary
 from tenantdb.seeds import DEMO_SEEDS, MAX_SEED_DEPTH, SEED_TABLES, load_seeds
 from tenantdb.tenancy import cross_org
@@ -196,10 +197,11 @@ def test_deep_json_is_a_seed_error_naming_the_limit(tenant_db: TenantDatabase, t
     assert table_counts() == before
 
 
-def test_cli_seed_of_deep_json_prints_one_line(tmp_path: Path) -> None:
+def test_cli_seed_of_deep_json_prints_one_line(tmp_path: Path,
+                                               tenantdb_database: TestDatabase) -> None:
     path = write(tmp_path, deep(10_000))
     done = subprocess.run([PYTHON, "-m", "tenantdb", "seed", str(path)],
-                          env=cli_env(TENANTDB_DATABASE_URL="postgresql://nobody@127.0.0.1:1/x"),
+                          env=cli_env(TENANTDB_DATABASE_URL=tenantdb_database.url),
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
