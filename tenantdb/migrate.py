@@ -19,14 +19,12 @@ recorded twice.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import signal
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,7 +71,20 @@ PYWAY_APPLICATION_NAME = "tenantdb migrate (pyway)"
 PACKAGE_NAME = "tenantdb"
 _NAME_RE = re.compile(r"[^a-z0-9_]+")
 _MAX_NAME = 63 - len(HISTORY_TABLE) - 1  # PostgreSQL truncates identifiers at 63 bytes
-_PR_SET_PDEATHSIG = 1
+# The pyway child: it arms the parent-death signal first (prctl PR_SET_PDEATHSIG=SIGKILL via
+# ctypes, Linux), checks its parent is still the runner that holds the lock (it may have
+# died before the signal was armed), then runs pyway's command line in this same process.
+# Done in the child's own code rather than a preexec_fn, which is unsafe in a threaded
+# parent. argv: the runner's pid, then pyway's arguments.
+PYWAY_CHILD_CODE = """\
+import ctypes, os, runpy, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("tenantdb migrate: the runner died before pyway started")
+sys.argv = ["pyway", *sys.argv[2:]]
+runpy.run_module("pyway.scripts.main", run_name="__main__", alter_sys=True)
+"""
 LOCK_KEY = int.from_bytes(b"tenantdb", "big") >> 1  # a stable bigint shared by all runners
 # pyway's own naming rule: V<major>_<minor>[_<patch>]__<description>.sql
 FILE_NAME_RE = re.compile(r"^V(\d+)[._](\d+)(?:[._](\d+))?__\w+\.sql$", re.IGNORECASE)
@@ -456,7 +467,7 @@ def _locked_connection(url: str) -> Iterator[psycopg2.extensions.connection]:
 def _run_pyway(command: str, url: str, loc: Location = PACKAGE_LOCATION) -> str:
     params = psycopg2.extensions.parse_dsn(url)
     args = [
-        sys.executable, "-m", "pyway.scripts.main", command,
+        sys.executable, "-c", PYWAY_CHILD_CODE, str(os.getpid()), command,
         "--database-type", "postgres",
         "--database-table", loc.history_table,
         "--database-migration-dir", str(loc.path.resolve()),
@@ -472,44 +483,17 @@ def _run_pyway(command: str, url: str, loc: Location = PACKAGE_LOCATION) -> str:
     # Run beside the SQL folder so a .pyway.conf in the caller's directory is not merged in.
     try:
         done = subprocess.run(args, cwd=MIGRATIONS_DIR.parent, env=env, capture_output=True,
-                              text=True, timeout=_PYWAY_TIMEOUT_S, check=False,
-                              preexec_fn=_die_with_parent(os.getpid()))
+                              text=True, timeout=_PYWAY_TIMEOUT_S, check=False)
     except FileNotFoundError as exc:
         raise ConfigurationError(f"cannot run pyway: {exc}") from exc
     except subprocess.TimeoutExpired as exc:  # run() killed the child
         raise MigrationError(f"pyway {command} ran over {_PYWAY_TIMEOUT_S} s") from exc
-    if "No module named pyway" in done.stderr:
+    if re.search(r"No module named '?pyway", done.stderr):
         raise ConfigurationError("migrations need the extra: pip install 'tenantdb[migrate]'")
     if done.returncode != 0:
         prefix = "" if loc.is_package else f"{loc.name}: "
         raise MigrationError(f"{prefix}pyway {command} failed: {_last_error(done.stderr)}")
     return done.stdout
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child is killed when this process dies (Linux), so a killed
-    runner's lock is never outlived by its work. Elsewhere a rerun ends its backends."""
-    prctl = _libc_prctl()
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return preexec
-
-
-def _libc_prctl() -> Callable[..., int] | None:
-    # Looked up before the fork: loading a library in the child of a threaded process
-    # could deadlock on the loader's lock.
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
 
 
 def _last_error(stderr: str) -> str:
