@@ -313,3 +313,44 @@ def test_history_refuses_a_version_twice(empty_database_url: str) -> None:
             pytest.raises(psycopg2.errors.UniqueViolation):
         cur.execute(f"INSERT INTO {HISTORY_TABLE} (version, extension, name, checksum) "
                     "VALUES ('01.01', 'SQL', 'again.sql', '0')")
+
+
+def test_three_concurrent_runs_with_a_location_record_each_version_once(
+    empty_database_url: str,
+) -> None:
+    env = cli_env(TENANTDB_DATABASE_URL=empty_database_url)
+    runners = [
+        subprocess.Popen([PYTHON, "-m", "tenantdb", "migrate", "--location", str(APP_LOCATION)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [runner.communicate(timeout=180) for runner in runners]
+
+    assert [runner.returncode for runner in runners] == [0, 0, 0], outputs
+    applied = [line for out, _ in outputs for line in out.splitlines()
+               if line.startswith("applied trip_notes/")]
+    assert applied == ["applied trip_notes/V01_01__trip_notes.sql"]
+    assert _history_counts(empty_database_url, f"{HISTORY_TABLE}_trip_notes") == {"01.01": 1}
+    assert set(_history_counts(empty_database_url, HISTORY_TABLE).values()) == {1}
+
+
+def test_down_to_an_unknown_location_is_refused_before_any_sql() -> None:
+    with pytest.raises(ValueError, match="no location named 'nope'"):
+        migrate.down_to("nope:01.01", "postgresql://nobody@127.0.0.1:1/none", [APP_LOCATION])
+
+
+def test_cli_refuses_an_unprotected_location_in_one_line(empty_database_url: str,
+                                                         tmp_path: Path) -> None:
+    folder = tmp_path / "careless"
+    folder.mkdir()
+    (folder / "V01_01__careless.sql").write_text(
+        "CREATE TABLE IF NOT EXISTS careless (org_id uuid NOT NULL, id uuid NOT NULL, "
+        "code text UNIQUE, PRIMARY KEY (org_id, id));")
+    done = subprocess.run([PYTHON, "-m", "tenantdb", "migrate", "--location", str(folder)],
+                          env=cli_env(TENANTDB_DATABASE_URL=empty_database_url),
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "careless: not recorded" in done.stderr
+    assert "careless.careless_code_key: unique key (code) lacks org_id" in done.stderr
+    assert "row-level security is not enabled" in done.stderr
