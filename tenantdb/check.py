@@ -2,21 +2,26 @@
 
 Every tenant table (a table with an ``org_id`` column) must have ``org_id NOT NULL``, a
 primary key and unique keys that include ``org_id``, composite foreign keys to other tenant
-tables, and row-level security enabled and forced. The application role must be neither
-superuser nor ``BYPASSRLS``, and must not inherit the bypass role's rights.
+tables, row-level security enabled and forced with a policy for the application role, and
+that role's grants; a table without ``org_id`` may not reference a tenant table. The
+application role must be neither superuser nor ``BYPASSRLS``, and must not inherit the
+bypass role's rights. An unmigrated (or partly migrated) database is a violation too: each
+missing table and each pending migration is named. Application tables are covered like the
+package's: every table of the schema is checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg2
 import psycopg2.extensions
 
 from .db import ADMIN_ROLE, APP_ROLE, database_url
 
-__all__ = ["Violation", "check_schema"]
+__all__ = ["Violation", "check_schema", "table_violations"]
 
 TENANT_TABLES_SQL = """
     SELECT c.relname, a.attnotnull, c.relrowsecurity, c.relforcerowsecurity
@@ -52,6 +57,33 @@ UNIQUE_INDEXES_SQL = """
     WHERE n.nspname = current_schema() AND x.indisunique AND NOT x.indisprimary
       AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid)
 """
+# Tenant tables without a policy that applies to the application role.
+NO_APP_POLICY_SQL = """
+    SELECT c.relname FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relname = ANY(%(tables)s)
+      AND NOT EXISTS (SELECT 1 FROM pg_policies p
+                      WHERE p.schemaname = n.nspname AND p.tablename = c.relname
+                        AND %(role)s = ANY(p.roles))
+    ORDER BY c.relname
+"""
+# Privileges the application role lacks on tenant tables (nothing if the role is missing:
+# that is reported on its own).
+MISSING_GRANTS_SQL = """
+    SELECT c.relname, string_agg(p.priv, ', ' ORDER BY p.ord)
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'])
+        WITH ORDINALITY AS p(priv, ord)
+    WHERE n.nspname = current_schema() AND c.relname = ANY(%(tables)s)
+      AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %(role)s)
+      AND NOT has_table_privilege(%(role)s, c.oid, p.priv)
+    GROUP BY c.relname ORDER BY c.relname
+"""
+EXISTING_TABLES_SQL = """
+    SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+"""
 ROLE_SQL = "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s"
 # USAGE: whether the role *has the rights* of the other (membership with inheritance).
 INHERITS_SQL = "SELECT pg_has_role(%s, %s, 'USAGE')"
@@ -68,17 +100,42 @@ class Violation:
         return f"{self.where}: {self.problem}"
 
 
-def check_schema(url: str | None = None) -> list[Violation]:
-    """Every violation of the tenancy rules in the database at ``url`` (default: settings)."""
-    conn = psycopg2.connect(url or database_url())
+def check_schema(url: str | None = None,
+                 locations: Iterable[Path | str] = ()) -> list[Violation]:
+    """Every violation of the tenancy rules in the database at ``url`` (default: settings),
+    pending migrations of the package and of ``locations`` (and of
+    ``TENANTDB_MIGRATION_LOCATIONS``) included."""
+    from .migrate import info  # migrate imports this module
+
+    url = url or database_url()
+    conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            return [*_table_violations(cur), *_role_violations(cur)]
+            found = [*_missing_tables(cur), *table_violations(cur), *_role_violations(cur)]
     finally:
         conn.close()
+    for row in info(url, locations):
+        where = row.name if row.location == "tenantdb" else f"{row.location}/{row.name}"
+        if row.state == "pending":
+            found.append(Violation(where, "migration not applied (run tenantdb migrate)"))
+        elif row.state == "changed":
+            found.append(Violation(where, "edited after it was applied: add a new version"))
+    return found
 
 
-def _table_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
+def _missing_tables(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
+    from .models import ALL_MODELS
+
+    cur.execute(EXISTING_TABLES_SQL)
+    existing = {name for (name,) in cur.fetchall()}
+    for model in ALL_MODELS:
+        name = model._meta.table_name
+        if name not in existing:
+            yield Violation(name, "table is missing (run tenantdb migrate)")
+
+
+def table_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
+    """The rules each table breaks (what ``tenantdb_protect()`` checks and sets up)."""
     cur.execute(TENANT_TABLES_SQL)
     tables = {name: (not_null, rls, forced) for name, not_null, rls, forced in cur.fetchall()}
     for name, (not_null, rls, forced) in tables.items():
@@ -88,6 +145,11 @@ def _table_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
             yield Violation(name, "row-level security is not enabled")
         if not forced:
             yield Violation(name, "row-level security is not forced (the owner bypasses it)")
+    yield from _key_violations(cur, set(tables))
+    yield from _policy_violations(cur, set(tables))
+
+
+def _key_violations(cur: psycopg2.extensions.cursor, tables: set[str]) -> Iterator[Violation]:
     cur.execute(KEYS_SQL)
     keys = cur.fetchall()
     with_pk = {table for _, kind, table, *_ in keys if kind == "p"}
@@ -95,6 +157,9 @@ def _table_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
         yield Violation(table, "no primary key")
     for name, kind, table, columns, referenced, ref_columns in keys:
         if table not in tables:
+            if kind == "f" and referenced in tables:
+                yield Violation(f"{table}.{name}", f"references tenant table {referenced} but "
+                                                   f"{table} has no org_id column")
             continue
         if kind in ("p", "u") and "org_id" not in columns:
             label = "primary key" if kind == "p" else "unique key"
@@ -107,6 +172,19 @@ def _table_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
         if table in tables and "org_id" not in columns:
             yield Violation(f"{table}.{index}", f"unique index ({', '.join(columns)}) "
                                                 "lacks org_id")
+
+
+def _policy_violations(cur: psycopg2.extensions.cursor, tables: set[str]
+                       ) -> Iterator[Violation]:
+    names = {"tables": sorted(tables), "role": APP_ROLE}
+    cur.execute(NO_APP_POLICY_SQL, names)
+    for (table,) in cur.fetchall():
+        yield Violation(table, f"no row-level security policy for {APP_ROLE} "
+                               f"(SELECT tenantdb_protect('{table}'))")
+    cur.execute(MISSING_GRANTS_SQL, names)
+    for table, privileges in cur.fetchall():
+        yield Violation(table, f"{APP_ROLE} lacks {privileges} "
+                               f"(SELECT tenantdb_protect('{table}'))")
 
 
 def _composite(columns: list[str], ref_columns: list[str]) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,18 +56,33 @@ def _parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply (or list, or undo) schema migrations")
     mode = mig.add_mutually_exclusive_group()
     mode.add_argument("--info", action="store_true", help="list applied and pending versions")
-    mode.add_argument("--down-to", metavar="VERSION",
-                      help="undo versions newer than VERSION, newest first (0: all)")
+    mode.add_argument("--down-to", metavar="[LOCATION:]VERSION",
+                      help="undo versions newer than VERSION, newest first (0: all); "
+                           "LOCATION: an application location's name (default: the package)")
+    _location_option(mig)
     mig.set_defaults(handler=_migrate)
 
+    table = sub.add_parser(
+        "new-table", help="write a tenant table's migration, its undo and a model to start from")
+    table.add_argument("name", help="the table's name (lower case, e.g. trip_note)")
+    table.add_argument("--location", metavar="PATH", type=Path,
+                       help="the migrations folder (default: the first of "
+                            "TENANTDB_MIGRATION_LOCATIONS, else ./migrations)")
+    table.set_defaults(handler=_new_table)
+
     seed = sub.add_parser("seed", help="load seed files (idempotent)")
-    seed.add_argument("path", nargs="?", default="seeds", help="a file or folder (./seeds)")
+    seed.add_argument("path", nargs="?", help="a file or folder (default: ./seeds)")
+    seed.add_argument("--demo", action="store_true",
+                      help="load the demo seeds shipped with the package")
+    _models_option(seed)
     seed.set_defaults(handler=_seed)
 
     check = sub.add_parser("check", help="lint the schema against the tenancy rules")
+    _location_option(check)
     check.set_defaults(handler=_check)
 
     report = sub.add_parser("report", help="per-org row counts")
+    _models_option(report)
     report.set_defaults(handler=_report)
 
     pgenv = sub.add_parser("pgenv", help="print PG* variables for psql and plain pyway")
@@ -80,6 +97,27 @@ def _parser() -> argparse.ArgumentParser:
                            help="rows per batch, each committed on its own (default: 1000)")
     retention.set_defaults(handler=_retention)
     return parser
+
+
+def _location_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--location", metavar="PATH", action="append", default=[], type=Path,
+                        help="an application's migrations folder, applied after the "
+                             "package's (repeatable; added to TENANTDB_MIGRATION_LOCATIONS)")
+
+
+def _models_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", metavar="MODULE", action="append", default=[],
+                        help="import an application's models module first, so its tables "
+                             "count (repeatable, e.g. travel_api.models)")
+
+
+def _import_models(modules: list[str]) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"--models {module}: cannot import it ({exc}); run from the "
+                             "application's folder or set PYTHONPATH") from exc
 
 
 def _dev(args: argparse.Namespace) -> int:
@@ -106,24 +144,107 @@ def _dev(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     if args.info:
-        for row in migrate.info():
+        for row in migrate.info(locations=args.location):
             when = row.applied_at.isoformat(" ", "seconds") if row.applied_at else ""
-            print(f"{row.version:<8} {row.state:<8} {when:<20} {row.name}")
+            print(f"{row.location:<12} {row.version:<8} {row.state:<8} {when:<20} {row.name}")
         return 0
     if args.down_to is not None:
-        undone = migrate.down_to(args.down_to)
+        undone = migrate.down_to(args.down_to, locations=args.location)
         print("\n".join(f"undone  {name}" for name in undone) or "nothing to undo")
         return 0
-    applied = migrate.migrate()
+    applied = migrate.migrate(locations=args.location)
     print("\n".join(f"applied {name}" for name in applied) or "schema is up to date")
     return 0
 
 
-def _seed(args: argparse.Namespace) -> int:
-    from .seeds import load_seeds
+TABLE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+NEW_TABLE_SQL = """\
+-- {name}: a tenant table of the application (from `tenantdb new-table`).
+-- Keys lead with org_id and foreign keys to tenant tables are composite, e.g.
+--     CONSTRAINT {name}_destination_fkey FOREIGN KEY (org_id, destination_id)
+--         REFERENCES destination (org_id, id) ON DELETE CASCADE
+-- tenantdb_protect() checks the rules, then enables and forces row-level security with the
+-- standard policies and grants the application and admin roles. Re-runnable.
+CREATE TABLE IF NOT EXISTS {name} (
+    org_id      uuid        NOT NULL REFERENCES org (id) ON DELETE CASCADE,
+    id          uuid        NOT NULL DEFAULT gen_random_uuid(),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT {name}_pkey PRIMARY KEY (org_id, id)
+);
+SELECT tenantdb_protect('{name}');
+"""
+NEW_TABLE_UNDO_SQL = """\
+-- Undo of {file}.
+DROP TABLE IF EXISTS {name};
+"""
+NEW_TABLE_MODEL = '''\
+"""The model of {name} (from `tenantdb new-table`): keep it in step with its migration."""
 
+from playhouse.postgres_ext import DateTimeTZField
+
+from tenantdb.models import TenantRowModel, utcnow
+
+
+class {cls}(TenantRowModel):
+    """A row of {name}, keyed (org_id, id); relations are tenantdb.tenancy.TenantForeignKey."""
+
+    created_at = DateTimeTZField(default=utcnow)
+    updated_at = DateTimeTZField(default=utcnow)
+
+    class Meta:
+        table_name = "{name}"
+'''
+
+
+def _new_table(args: argparse.Namespace) -> int:
+    from .models import ALL_MODELS
+
+    name = args.name
+    if not TABLE_NAME_RE.match(name):
+        raise ValueError(f"{name!r} is not a table name: lower-case letters, digits and _, "
+                         "starting with a letter (up to 48)")
+    if name in {model._meta.table_name for model in ALL_MODELS}:
+        raise ValueError(f"{name!r} is one of tenantdb's own tables: choose another name")
+    folder: Path = args.location or next(iter(get_settings().migration_locations),
+                                         Path("migrations"))
+    if folder.resolve() == migrate.MIGRATIONS_DIR.resolve():
+        raise ValueError(f"{folder} is tenantdb's own migrations folder: give the "
+                         "application's with --location PATH")
+    existing = migrate.local_migrations(folder) if folder.is_dir() else []
+    if existing:
+        major, minor = (int(p) for p in existing[-1].version.split(".")[:2])
+        version = f"V{major:02}_{minor + 1:02}"
+    else:
+        version = "V01_01"
+    file = f"{version}__create_{name}.sql"
+    model_path = folder.parent / f"{name}_model.py"
+    cls = "".join(part.capitalize() for part in name.split("_"))
+    writes = {folder / file: NEW_TABLE_SQL.format(name=name),
+              folder.with_name(folder.name + "_undo") / file:
+                  NEW_TABLE_UNDO_SQL.format(name=name, file=file),
+              model_path: NEW_TABLE_MODEL.format(name=name, cls=cls)}
+    taken = [str(path) for path in writes if path.exists()]
+    if taken:  # nothing is written unless everything can be
+        raise ValueError(f"{', '.join(taken)} already exists: nothing written")
+    for path, text in writes.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from .seeds import DEMO_SEEDS, load_seeds
+
+    if args.demo and args.path:
+        raise ValueError("give a PATH or --demo, not both")
+    path = DEMO_SEEDS if args.demo else Path(args.path or "seeds")
+    if not args.demo and args.path is None and not path.exists():
+        raise ValueError("no ./seeds folder here: give a PATH, or --demo for the demo seeds")
+    _import_models(args.models)
     connect()
-    report = load_seeds(Path(args.path))
+    report = load_seeds(path)
     for table, counts in report.tables.items():
         print(f"{table:<16} created {counts.created:>4}  already present {counts.present:>4}")
     print(f"{'total':<16} created {report.created:>4}  already present {report.present:>4}")
@@ -133,7 +254,7 @@ def _seed(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from .check import check_schema
 
-    violations = check_schema()
+    violations = check_schema(locations=args.location)
     for violation in violations:
         print(violation)
     if violations:
@@ -146,6 +267,7 @@ def _check(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import org_summary
 
+    _import_models(args.models)
     connect()
     summaries = org_summary()
     if not summaries:

@@ -12,6 +12,12 @@ a Redis (``TENANTDB_TEST_REDIS_URL`` or embedded). Fixtures:
 
 Outside ``tenant_db``/``tenantdb_committed`` the database refuses access with an error
 naming them, so no test writes to the shared session database by accident.
+
+An application with tables of its own names its migration folders in the ini option
+``tenantdb_migrations`` (or ``TENANTDB_MIGRATION_LOCATIONS``) and its seed files in
+``tenantdb_seeds``: the session database is migrated with them and seeded once (seeds come
+back after each ``tenantdb_committed`` test empties the tables). Overriding the session
+fixtures ``tenantdb_migration_locations`` / ``tenantdb_seed_files`` computes them instead.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .db import execute_once
 from .idempotency import allow_claims_in_transaction
 from .models import Org
 from .redis_client import redis_client
+from .seeds import load_seeds
 from .settings import get_settings, override_settings
 
 __all__ = ["TestDatabase", "TestRedis"]
@@ -48,11 +55,34 @@ TEST_DB_PREFIX = "tenantdb_test_"
 
 @dataclass(frozen=True)
 class TestDatabase:
-    """The session's database: its URL (owner role) and name."""
+    """The session's database: its URL (owner role), name, and the seed files loaded."""
 
     __test__ = False  # not a test class, whatever its name says
     url: str
     name: str
+    seed_files: tuple[Path, ...] = ()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("tenantdb_migrations", type="paths", default=[],
+                  help="tenantdb: the application's migration folders, applied after the "
+                       "package's (relative to the ini file)")
+    parser.addini("tenantdb_seeds", type="paths", default=[],
+                  help="tenantdb: seed files or folders loaded once per session")
+
+
+@pytest.fixture(scope="session")
+def tenantdb_migration_locations(pytestconfig: pytest.Config) -> list[Path]:
+    """Session scope: the application's migration folders (ini ``tenantdb_migrations``;
+    ``TENANTDB_MIGRATION_LOCATIONS`` adds to them). Override it to compute them."""
+    return list(pytestconfig.getini("tenantdb_migrations"))
+
+
+@pytest.fixture(scope="session")
+def tenantdb_seed_files(pytestconfig: pytest.Config) -> list[Path]:
+    """Session scope: seed files or folders loaded once into the session database
+    (ini ``tenantdb_seeds``). Override it to compute them."""
+    return list(pytestconfig.getini("tenantdb_seeds"))
 
 
 @dataclass(frozen=True)
@@ -105,20 +135,24 @@ def _tenantdb_servers() -> Iterator[_Servers]:
 
 
 @pytest.fixture(scope="session")
-def tenantdb_database(_tenantdb_servers: _Servers) -> Iterator[TestDatabase]:
-    """Session scope: a fresh database, migrated with tenantdb's migrations, bound to
-    :data:`tenantdb.db.database` and dropped at the end (~0.3 s once per session)."""
+def tenantdb_database(_tenantdb_servers: _Servers, tenantdb_migration_locations: list[Path],
+                      tenantdb_seed_files: list[Path]) -> Iterator[TestDatabase]:
+    """Session scope: a fresh database, migrated with tenantdb's migrations (and the
+    application's), seeded once, bound to :data:`tenantdb.db.database` and dropped at the
+    end (~0.3 s once per session)."""
     server_url = _tenantdb_servers.postgres_url
     name = TEST_DB_PREFIX + uuid.uuid4().hex[:12]
     execute_once(server_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = _with_database(server_url, name)
     access = _Access()
     try:
-        migrate.migrate(url)
+        migrate.migrate(url, tenantdb_migration_locations)
         with override_settings(database_url=url, redis_url=_tenantdb_servers.redis_url):
             db.connect(url)
+            seeds = tuple(tenantdb_seed_files)
+            _load(seeds)
             db.database.access_guard = access.check
-            yield TestDatabase(url, name)
+            yield TestDatabase(url, name, seeds)
     finally:
         db.database.access_guard = None
         db.close()
@@ -161,6 +195,7 @@ def tenantdb_committed(tenantdb_database: TestDatabase) -> Iterator[db.TenantDat
     finally:
         db.close()
         execute_once(tenantdb_database.url, sql.SQL(TRUNCATE_ALL_SQL))
+        _load(tenantdb_database.seed_files)
         access.everyone = False
 
 
@@ -192,6 +227,12 @@ def tenantdb_redis(_tenantdb_servers: _Servers) -> Iterator[TestRedis]:
 
 class _RollbackSignal(Exception):  # noqa: N818 - a signal, not an error
     """Raised into the test transaction's exit so that peewee rolls it back."""
+
+
+def _load(seed_files: tuple[Path, ...]) -> None:
+    for path in seed_files:
+        load_seeds(path)
+    db.close()
 
 
 def _guard() -> _Access:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from peewee import fn
 
-from .models import TENANT_MODELS, Org
-from .tenancy import cross_org
+from .db import database
+from .models import Org
+from .seeds import seed_tables
+from .tenancy import TenantModel, cross_org
 
 __all__ = ["OrgSummary", "org_summary"]
 
@@ -24,7 +26,14 @@ class OrgSummary:
 
 
 def org_summary() -> list[OrgSummary]:
-    """Every org with its row counts per tenant table, ordered by name (one query per table)."""
+    """Every org with its row counts per tenant table, ordered by name (one query per table).
+
+    The tables are the package's and those of every application model imported so far
+    whose table exists (a model may be imported where its migrations were not applied).
+    """
+    existing = set(database.get_tables())
+    models = [model for model in seed_tables().values()
+              if issubclass(model, TenantModel) and model._meta.table_name in existing]
     with cross_org(reason="org summary report"):
         per_table: dict[str, dict[uuid.UUID, int]] = {
             model._meta.table_name: dict(
@@ -32,7 +41,7 @@ def org_summary() -> list[OrgSummary]:
                 .group_by(model.org_id)
                 .tuples()
             )
-            for model in TENANT_MODELS
+            for model in models
         }
         orgs = list(Org.select().order_by(Org.name, Org.id))
     return [

@@ -288,7 +288,8 @@ def purge(
     skipped and left for the next run. The run ends with the first batch smaller than
     ``batch_size``, or after ``max_batches``. Windows come from Settings.
 
-    :param policy: a :class:`RetentionPolicy` or its value (``"agent_runs"``, ...).
+    :param policy: a :class:`RetentionPolicy` or its value (``"agent_runs"``, ...), or the
+        name of an application table's policy (:mod:`tenantdb.table_retention`).
     :param batch_size: rows per batch (and per transaction), at least 1.
     :param dry_run: count what would be affected (within ``max_batches``), change nothing;
         allowed inside a transaction.
@@ -302,6 +303,12 @@ def purge(
     :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
     :raises PurgeInTransactionError: called inside an open transaction (not a dry run).
     """
+    from .table_retention import purge_table_policy, registered_retention_policies
+
+    if isinstance(policy, str) and policy in registered_retention_policies():
+        # An application table's policy (tenantdb.table_retention), same rules.
+        return purge_table_policy(policy, batch_size, dry_run, org_id=org_id, now=now,
+                                  max_batches=max_batches, on_batch=on_batch)
     chosen = _policy(policy)
     _check_count(batch_size, "batch_size")
     if max_batches is not None:

@@ -9,14 +9,18 @@ A seed file is a JSON object mapping table names to lists of records::
 
 Every record names its primary key, so a second load finds each row present and writes
 nothing (``ON CONFLICT (primary key) DO NOTHING``). An embedding without ``vector`` gets one
-from the embedder. The whole file is checked before any SQL runs; a row the database refuses
-(a reference to a missing row, a duplicate natural key) rolls the whole file back.
+from the embedder. The whole file is checked before any SQL runs (size, nesting depth,
+duplicate keys, the same primary key twice, unknown tables and fields, values); a row the
+database refuses (a reference to a missing row, a duplicate natural key) rolls the whole
+file back. An application's own ``TenantModel`` subclasses are seedable by their table
+names once their module is imported, after the package's tables and parents first.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,11 +46,33 @@ from .models import (
     RefreshToken,
     User,
 )
-from .tenancy import BaseModel, cross_org
+from .tenancy import BaseModel, TenantForeignKey, TenantModel, cross_org
 
-__all__ = ["SEED_TABLES", "SeedCounts", "SeedReport", "load_seed_file", "load_seeds"]
+__all__ = [
+    "DEMO_SEEDS",
+    "MAX_SEED_DEPTH",
+    "MAX_SEED_FILE_BYTES",
+    "SEED_TABLES",
+    "SeedCounts",
+    "SeedReport",
+    "load_seed_file",
+    "load_seeds",
+    "seed_tables",
+]
+
+#: The demo seeds shipped in the package (``tenantdb seed --demo``).
+DEMO_SEEDS = Path(__file__).parent / "demo_seeds"
+#: The deepest nesting of arrays and objects a seed file may hold (the file's object is
+#: level 1, a table's list 2, a record 3); checked before parsing, so a hostile file meets
+#: this limit and never the parser's recursion limit.
+MAX_SEED_DEPTH = 64
+#: The largest seed file read, in bytes.
+MAX_SEED_FILE_BYTES = 64 * 1024 * 1024
+# A JSON string (escapes included) or a bracket: what the depth scan needs to see.
+_JSON_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 # Parents before children, so a file may reference rows it creates itself.
+#: The package's tables; :func:`seed_tables` adds the application's.
 SEED_TABLES: dict[str, type[BaseModel]] = {
     model._meta.table_name: model
     for model in (Org, User, RefreshToken, Destination, KnowledgeItem, Embedding, AgentRun,
@@ -107,16 +133,53 @@ def load_seed_file(
 ) -> SeedReport:
     """Load one seed file in one transaction; see :func:`load_seeds`."""
     report = report if report is not None else SeedReport()
-    rows = _read(file, embedder or default_embedder())
+    tables = seed_tables()
+    rows = _read(file, embedder or default_embedder(), tables)
     with cross_org(reason=f"seed load {file.name}"), database.atomic():
         for table, index, row in rows:
-            report._count(table, _insert(file, table, index, row))
+            report._count(table, _insert(file, tables[table], index, row))
     report.files.append(file)
     return report
 
 
-def _insert(file: Path, table: str, index: int, row: dict[str, Any]) -> bool:
-    model = SEED_TABLES[table]
+def seed_tables() -> dict[str, type[BaseModel]]:
+    """Every seedable table and its model, parents before children: the package's, then
+    the application's ``TenantModel`` subclasses imported so far.
+
+    :raises SeedError: two application models claim one table.
+    """
+    tables = dict(SEED_TABLES)
+    claims: dict[str, list[type[TenantModel]]] = {}
+    for model in _tenant_models(TenantModel):
+        name = model._meta.table_name
+        if name not in tables and model not in claims.get(name, []):
+            claims.setdefault(name, []).append(model)
+    for name, models in claims.items():
+        if len(models) > 1:
+            listed = ", ".join(f"{m.__module__}.{m.__name__}" for m in models)
+            raise SeedError(f"table {name} has several models ({listed}): seeds need one")
+    pending = {name: models[0] for name, models in claims.items()}
+    while pending:  # parents first; a cycle keeps its definition order
+        ready = [name for name, model in pending.items()
+                 if not any(dep in pending and dep != name for dep in _parents(model))]
+        for name in ready or list(pending)[:1]:
+            tables[name] = pending.pop(name)
+    return tables
+
+
+def _tenant_models(base: type[TenantModel]) -> Iterable[type[TenantModel]]:
+    for sub in base.__subclasses__():
+        if not sub.__dict__.get("_tenantdb_abstract"):
+            yield sub
+        yield from _tenant_models(sub)
+
+
+def _parents(model: type[BaseModel]) -> list[str]:
+    return [f.rel_model._meta.table_name for f in model._meta.sorted_fields
+            if isinstance(f, TenantForeignKey)]
+
+
+def _insert(file: Path, model: type[BaseModel], index: int, row: dict[str, Any]) -> bool:
     pk = [model._meta.fields[name] for name in _pk_names(model)]
     query = model.insert(**row).on_conflict(action="IGNORE", conflict_target=pk)
     try:
@@ -124,35 +187,87 @@ def _insert(file: Path, table: str, index: int, row: dict[str, Any]) -> bool:
             return bool(query.as_rowcount().execute())
     except peewee.DatabaseError as exc:
         detail = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise SeedError(f"{file}: {_where(table, index, row)}: {detail}") from exc
+        raise SeedError(f"{file}: {_where(model, index, row)}: {detail}") from exc
 
 
-def _read(file: Path, embedder: Embedder) -> list[tuple[str, int, dict[str, Any]]]:
+class _Object(dict[str, Any]):
+    """A parsed JSON object that remembers the keys it was given more than once."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object()
+    obj.duplicates = []
+    for key, value in pairs:
+        if key in obj:
+            obj.duplicates.append(key)
+        obj[key] = value
+    return obj
+
+
+def _parse(file: Path) -> Any:
     try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = file.stat().st_size
+        if size > MAX_SEED_FILE_BYTES:
+            raise SeedError(f"{file}: {size} bytes, over the limit of {MAX_SEED_FILE_BYTES} "
+                            "bytes for a seed file (MAX_SEED_FILE_BYTES): split it")
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
         raise SeedError(f"{file}: not a readable JSON file: {exc}") from exc
+    depth = 0
+    for token in _JSON_TOKEN_RE.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+            if depth > MAX_SEED_DEPTH:
+                raise SeedError(f"{file}: nested deeper than {MAX_SEED_DEPTH} levels, the "
+                                "limit for seed values (MAX_SEED_DEPTH)")
+        elif char in "]}":
+            depth -= 1
+    try:
+        return json.loads(text, object_pairs_hook=_object)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise SeedError(f"{file}: not a readable JSON file: {exc}") from None
+
+
+def _read(file: Path, embedder: Embedder, tables: dict[str, type[BaseModel]]
+          ) -> list[tuple[str, int, dict[str, Any]]]:
+    data = _parse(file)
     if not isinstance(data, dict):
         raise SeedError(f"{file}: a seed file is a JSON object of table name -> list of rows")
-    unknown = sorted(set(data) - set(SEED_TABLES))
+    if isinstance(data, _Object) and data.duplicates:
+        raise SeedError(f"{file}: table {data.duplicates[0]!r} appears twice: "
+                        "give each table one list")
+    unknown = sorted(set(data) - set(tables))
     if unknown:
-        raise SeedError(f"{file}: unknown table {unknown[0]!r}; known: {', '.join(SEED_TABLES)}")
+        raise SeedError(f"{file}: unknown table {unknown[0]!r}; known: {', '.join(tables)} "
+                        "(an application's models are known once their module is imported)")
     rows = []
-    for table in SEED_TABLES:  # dependency order, whatever the file's order
+    for table, model in tables.items():  # dependency order, whatever the file's order
         records = data.get(table, [])
         if not isinstance(records, list):
             raise SeedError(f"{file}: {table} must be a list of records")
+        seen: dict[tuple[Any, ...], int] = {}
         for index, record in enumerate(records):
-            rows.append((table, index, _check(file, table, index, record, embedder)))
+            row = _check(file, model, index, record, embedder)
+            key = tuple(row[name] for name in _pk_names(model))
+            if key in seen:
+                raise SeedError(f"{file}: {_where(model, index, row)}: the same primary key "
+                                f"as {table}[{seen[key]}]; each row appears once")
+            seen[key] = index
+            rows.append((table, index, row))
     return rows
 
 
-def _check(file: Path, table: str, index: int, record: object,
+def _check(file: Path, model: type[BaseModel], index: int, record: object,
            embedder: Embedder) -> dict[str, Any]:
+    table = model._meta.table_name
     where = f"{file}: {table}[{index}]"
     if not isinstance(record, dict):
         raise SeedError(f"{where}: a record is a JSON object")
-    model = SEED_TABLES[table]
+    if isinstance(record, _Object) and record.duplicates:
+        raise SeedError(f"{where}: field {record.duplicates[0]!r} appears twice")
     unknown = sorted(set(record) - set(model._meta.fields))
     if unknown:
         raise SeedError(f"{where}: unknown field {unknown[0]!r} for {table}")
@@ -257,9 +372,9 @@ def _pk_names(model: type[BaseModel]) -> Iterable[str]:
     return list(pk.field_names) if isinstance(pk, peewee.CompositeKey) else [pk.name]
 
 
-def _where(table: str, index: int, row: dict[str, Any]) -> str:
-    key = ", ".join(f"{name}={row.get(name)}" for name in _pk_names(SEED_TABLES[table]))
-    return f"{table}[{index}] ({key})"
+def _where(model: type[BaseModel], index: int, row: dict[str, Any]) -> str:
+    key = ", ".join(f"{name}={row.get(name)}" for name in _pk_names(model))
+    return f"{model._meta.table_name}[{index}] ({key})"
 
 
 def _short(value: Any) -> str:

@@ -42,6 +42,9 @@ class Settings:
         plugin creates its per-session database on (else an embedded server).
     :param test_redis_url: ``TENANTDB_TEST_REDIS_URL``: the Redis the plugin uses.
     :param home: ``TENANTDB_HOME``: where ``tenantdb dev up`` keeps its servers.
+    :param migration_locations: ``TENANTDB_MIGRATION_LOCATIONS``: folders of an
+        application's own migrations (separated by ``os.pathsep``), applied after the
+        package's.
     """
 
     database_url: str | None = None
@@ -49,6 +52,7 @@ class Settings:
     test_database_url: str | None = None
     test_redis_url: str | None = None
     home: Path = Path(".tenantdb")
+    migration_locations: tuple[Path, ...] = ()
     pool_size: int = 10
     pool_timeout_s: int = 10
     connect_timeout_s: int = 5
@@ -75,6 +79,9 @@ class Settings:
             "test_redis_url": env.get("TENANTDB_TEST_REDIS_URL") or None,
             "home": Path(env.get("TENANTDB_HOME") or ".tenantdb"),
             "redis_key_prefix": env.get("TENANTDB_REDIS_KEY_PREFIX") or "tenantdb",
+            "migration_locations": tuple(
+                Path(part) for part in
+                (env.get("TENANTDB_MIGRATION_LOCATIONS") or "").split(os.pathsep) if part),
         }
         for field, var in _INT_VARS.items():
             if env.get(var):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import pytest
 from conftest import PYTHON, cli_env
 
@@ -211,3 +213,144 @@ def test_plain_pyway_migrate_from_repo_root_uses_the_shipped_conf(empty_database
 
     assert [v for v, _ in history(empty_database_url)] == [m.version for m in local_migrations()]
     assert migrate.migrate(empty_database_url) == []
+
+
+# -- a killed runner: its work dies with it, and a rerun converges ------------------------
+
+APP_LOCATION = Path(__file__).parent / "app_schema" / "trip_notes"
+WAITING_PYWAY_SQL = """
+    SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = %s AND wait_event_type = 'Lock'
+"""
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # a zombie nobody reaped yet has stopped running
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _waiting_pyway(url: str) -> list[int]:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(WAITING_PYWAY_SQL, (migrate.PYWAY_APPLICATION_NAME,))
+        return [pid for (pid,) in cur.fetchall()]
+
+
+def _history_counts(url: str, table: str) -> dict[str, int]:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT version, count(*) FROM {table} GROUP BY version")
+        return dict(cur.fetchall())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize(
+    ("undo_to", "args", "table"),
+    [("01.03", [], HISTORY_TABLE),
+     ("trip_notes:0", ["--location", str(APP_LOCATION)], f"{HISTORY_TABLE}_trip_notes")],
+    ids=["package-file", "application-file"],
+)
+def test_sigkill_of_migrate_mid_file_then_rerun_records_each_version_once(
+    empty_database_url: str, undo_to: str, args: list[str], table: str
+) -> None:
+    url = empty_database_url
+    migrate.migrate(url, [APP_LOCATION])
+    clean = snapshot(url)
+    expected = _history_counts(url, table)
+    migrate.down_to(undo_to, url, [APP_LOCATION])
+    env = cli_env(TENANTDB_DATABASE_URL=url)
+    blocker = psycopg2.connect(url)
+    try:
+        with blocker.cursor() as cur:  # the next file touches destination: it will wait
+            cur.execute("LOCK TABLE destination IN ACCESS EXCLUSIVE MODE")
+        runner = subprocess.Popen([PYTHON, "-m", "tenantdb", "migrate", *args], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        orphan_backend = _wait_for(lambda: _waiting_pyway(url), "pyway to block")[0]
+        workers = _children(runner.pid)
+        assert workers, "the runner's pyway child"
+
+        runner.kill()  # SIGKILL, the runner alone
+        runner.communicate(timeout=30)
+
+        for pid in workers:
+            _wait_for(lambda pid=pid: _gone(pid), f"pyway child {pid} to die", timeout=10)
+        rerun = subprocess.Popen([PYTHON, "-m", "tenantdb", "migrate", *args], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The rerun ends the killed run's backend, then queues behind the lock itself.
+        _wait_for(lambda: (w := _waiting_pyway(url)) and orphan_backend not in w,
+                  "the rerun to replace the orphaned backend")
+        blocker.rollback()
+        out, err = rerun.communicate(timeout=120)
+    finally:
+        blocker.close()
+
+    assert rerun.returncode == 0, err
+    assert "applied" in out
+    assert _history_counts(url, table) == expected
+    assert set(expected.values()) == {1}
+    assert snapshot(url) == clean
+
+
+def test_history_refuses_a_version_twice(empty_database_url: str) -> None:
+    migrate.migrate(empty_database_url)
+    with psycopg2.connect(empty_database_url) as conn, conn.cursor() as cur, \
+            pytest.raises(psycopg2.errors.UniqueViolation):
+        cur.execute(f"INSERT INTO {HISTORY_TABLE} (version, extension, name, checksum) "
+                    "VALUES ('01.01', 'SQL', 'again.sql', '0')")
+
+
+def test_three_concurrent_runs_with_a_location_record_each_version_once(
+    empty_database_url: str,
+) -> None:
+    env = cli_env(TENANTDB_DATABASE_URL=empty_database_url)
+    runners = [
+        subprocess.Popen([PYTHON, "-m", "tenantdb", "migrate", "--location", str(APP_LOCATION)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [runner.communicate(timeout=180) for runner in runners]
+
+    assert [runner.returncode for runner in runners] == [0, 0, 0], outputs
+    applied = [line for out, _ in outputs for line in out.splitlines()
+               if line.startswith("applied trip_notes/")]
+    assert applied == ["applied trip_notes/V01_01__trip_notes.sql"]
+    assert _history_counts(empty_database_url, f"{HISTORY_TABLE}_trip_notes") == {"01.01": 1}
+    assert set(_history_counts(empty_database_url, HISTORY_TABLE).values()) == {1}
+
+
+def test_down_to_an_unknown_location_is_refused_before_any_sql() -> None:
+    with pytest.raises(ValueError, match="no location named 'nope'"):
+        migrate.down_to("nope:01.01", "postgresql://nobody@127.0.0.1:1/none", [APP_LOCATION])
+
+
+def test_cli_refuses_an_unprotected_location_in_one_line(empty_database_url: str,
+                                                         tmp_path: Path) -> None:
+    folder = tmp_path / "careless"
+    folder.mkdir()
+    (folder / "V01_01__careless.sql").write_text(
+        "CREATE TABLE IF NOT EXISTS careless (org_id uuid NOT NULL, id uuid NOT NULL, "
+        "code text UNIQUE, PRIMARY KEY (org_id, id));")
+    done = subprocess.run([PYTHON, "-m", "tenantdb", "migrate", "--location", str(folder)],
+                          env=cli_env(TENANTDB_DATABASE_URL=empty_database_url),
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "careless: not recorded" in done.stderr
+    assert "careless.careless_code_key: unique key (code) lacks org_id" in done.stderr
+    assert "row-level security is not enabled" in done.stderr

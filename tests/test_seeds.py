@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PYTHON, cli_env
 
+from tenantdb import migrate, seeds
 from tenantdb.db import TenantDatabase
 from tenantdb.embedder import Embedder, HashingEmbedder
 from tenantdb.errors import SeedError
 from tenantdb.models import Destination, Embedding, KnowledgeItem, Org, User
+from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.report import org_summary
-from tenantdb.seeds import SEED_TABLES, load_seeds
+from tenantdb.seeds import DEMO_SEEDS, MAX_SEED_DEPTH, SEED_TABLES, load_seeds
 from tenantdb.tenancy import cross_org
 
 SEEDS_DIR = Path(__file__).resolve().parents[1] / "seeds"
@@ -166,3 +170,100 @@ def test_hashing_embedder_is_deterministic_and_unit_length() -> None:
     far = math.fsum(x * y for x, y in zip(a, c, strict=True))
     assert near > far
     assert len(embedder.embed([""])[0]) == 1536
+
+
+# -- bounded, unambiguous input -----------------------------------------------------------
+
+
+def deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "text",
+    [deep(10_000),
+     '{"org": ' + deep(10_000) + "}",
+     json.dumps({"destination": [{"org_id": str(uuid.uuid4()), "id": str(uuid.uuid4()),
+                                   "name": "Deep", "metadata": "@"}]})
+     .replace('"@"', '{"a": ' * 10_000 + "1" + "}" * 10_000)],
+    ids=["top-level", "table-list", "jsonb-field"],
+)
+def test_deep_json_is_a_seed_error_naming_the_limit(tenant_db: TenantDatabase, tmp_path: Path,
+                                                    text: str) -> None:
+    path = write(tmp_path, text)
+    before = table_counts()
+    with pytest.raises(SeedError, match=f"deeper than {MAX_SEED_DEPTH} levels.*MAX_SEED_DEPTH"):
+        load_seeds(path)
+    assert table_counts() == before
+
+
+def test_cli_seed_of_deep_json_prints_one_line(tmp_path: Path,
+                                               tenantdb_database: TestDatabase) -> None:
+    path = write(tmp_path, deep(10_000))
+    done = subprocess.run([PYTHON, "-m", "tenantdb", "seed", str(path)],
+                          env=cli_env(TENANTDB_DATABASE_URL=tenantdb_database.url),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert f"deeper than {MAX_SEED_DEPTH} levels" in done.stderr
+
+
+def test_oversized_seed_file_is_refused_before_reading(
+        tenant_db: TenantDatabase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seeds, "MAX_SEED_FILE_BYTES", 100)
+    path = write(tmp_path, {"org": [org_record(), org_record()]})
+    with pytest.raises(SeedError, match=r"over the limit of 100 bytes.*MAX_SEED_FILE_BYTES"):
+        load_seeds(path)
+
+
+def test_deep_strings_do_not_count_as_nesting(tenant_db: TenantDatabase,
+                                              tmp_path: Path) -> None:
+    org = org_record()
+    org["name"] = "[[[{{{" * 100 + '\\"'
+    load_seeds(write(tmp_path, {"org": [org]}))
+    assert Org.get(Org.id == org["id"]).name == org["name"]
+
+
+def test_same_table_twice_is_refused(tenant_db: TenantDatabase, tmp_path: Path) -> None:
+    first, second = org_record(), org_record()
+    path = write(tmp_path, f'{{"org": [{json.dumps(first)}], "org": [{json.dumps(second)}]}}')
+    before = table_counts()
+    with pytest.raises(SeedError, match=r"bad\.json: table 'org' appears twice"):
+        load_seeds(path)
+    assert table_counts() == before
+
+
+def test_same_field_twice_is_refused(tenant_db: TenantDatabase, tmp_path: Path) -> None:
+    org = org_record()
+    record = json.dumps(org)[:-1] + ', "name": "Other"}'
+    path = write(tmp_path, f'{{"org": [{record}]}}')
+    with pytest.raises(SeedError, match=r"bad\.json: org\[0\]: field 'name' appears twice"):
+        load_seeds(path)
+    assert Org.get_or_none(Org.id == org["id"]) is None
+
+
+def test_same_primary_key_twice_in_a_file_is_refused(tenant_db: TenantDatabase,
+                                                     tmp_path: Path) -> None:
+    org = org_record()
+    dest_id = str(uuid.uuid4())
+    rows = [{"org_id": org["id"], "id": dest_id, "name": name} for name in ("One", "Two")]
+    path = write(tmp_path, {"org": [org], "destination": rows})
+    with pytest.raises(SeedError, match=rf"bad\.json: destination\[1\] \(org_id={org['id']}, "
+                                        rf"id={dest_id}\): the same primary key as "
+                                        rf"destination\[0\]"):
+        load_seeds(path)
+    assert Org.get_or_none(Org.id == org["id"]) is None
+
+
+def test_seed_demo_loads_the_seeds_shipped_in_the_package(empty_database_url: str) -> None:
+    migrate.migrate(empty_database_url)
+    env = cli_env(TENANTDB_DATABASE_URL=empty_database_url)
+    done = subprocess.run([PYTHON, "-m", "tenantdb", "seed", "--demo"], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "embedding" in done.stdout
+    assert (DEMO_SEEDS / "demo.json").read_bytes() == (SEEDS_DIR / "demo.json").read_bytes()
+    assert '"demo_seeds/*.json"' in (SEEDS_DIR.parent / "pyproject.toml").read_text()
+    none_here = subprocess.run([PYTHON, "-m", "tenantdb", "seed"], env=env, cwd="/",
+                               capture_output=True, text=True, timeout=60, check=False)
+    assert none_here.returncode == 1 and "--demo" in none_here.stderr

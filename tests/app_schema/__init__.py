@@ -1,0 +1,1 @@
+"""A test application with tenant tables of its own, built on tenantdb."""
