@@ -163,7 +163,7 @@ def rate_limit(
     window = ratelimit.bucket_spec(bucket).period_s
 
     async def rate_limit_dependency(
-        request: Request, response: Response, who: RequestScope = Depends(scope)  # noqa: B008
+        request: Request, response: Response, who: RequestScope = Depends(scope)
     ) -> ratelimit.RateLimitResult:
         result = await _check_rate_limit(who, bucket)
         decision = web.rate_decision(bucket, result, window)
@@ -263,7 +263,7 @@ def idempotency(
     names = tuple(include_headers)
 
     async def idempotency_dependency(
-        request: Request, who: RequestScope = Depends(scope)  # noqa: B008
+        request: Request, who: RequestScope = Depends(scope)
     ) -> IdempotentRequest:
         try:
             key = web.parse_idempotency_key(request.headers.get(web.IDEMPOTENCY_KEY_HEADER),
