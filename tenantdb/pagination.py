@@ -65,7 +65,7 @@ def newest_first(
     org = require_org(org_id, f"newest_first({model.__name__})")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
-    fields = model._meta.fields  # type: ignore[attr-defined]
+    fields = model._meta.fields
     if "created_at" not in fields or "id" not in fields:
         raise ValueError(f"{model.__name__} has no created_at and id columns to page by")
     created, ident = fields["created_at"], fields["id"]
