@@ -327,3 +327,49 @@ def test_redis_down_fail_closed_is_503_and_fail_open_is_marked(
     assert opened.headers["RateLimit-Degraded"] == "fail-open"
     for answer in (closed, opened):
         assert all("None" not in value for value in answer.headers.values())
+
+
+# A REAL RACE: two requests with one key, the first still running (real commits, threads)
+
+gate = {"started": threading.Event(), "release": threading.Event()}
+
+
+@app.post("/slow")
+async def slow_create(body: dict[str, Any], idem: IdempotentRequest = Depends(idempotent)) -> Any:
+    def handler() -> Any:
+        gate["started"].set()
+        gate["release"].wait(10)
+        row = Destination.create(org_id=idem.scope.org_id, name=body["name"])
+        return {"id": str(row.id)}
+    return await idem.arespond(handler, status_code=201)
+
+
+def test_concurrent_same_key_gets_409_then_replay(tenantdb_committed: TenantDatabase,
+                                                  tenantdb_redis: TestRedis) -> None:
+    org = Org.create(name="Race", slug=f"race-{uuid.uuid4().hex[:8]}").id
+    user = User.create(org_id=org, email="race@example.com").id
+    headers = {"X-Org-Id": str(org), "X-User-Id": str(user), "Idempotency-Key": '"race"'}
+    gate["started"].clear()
+    gate["release"].clear()
+    answers: dict[str, Any] = {}
+
+    def first() -> None:
+        with TestClient(app) as own:
+            answers["first"] = own.post("/slow", json={"name": "once"}, headers=headers)
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    try:
+        assert gate["started"].wait(10)
+        with TestClient(app) as second:
+            answers["busy"] = second.post("/slow", json={"name": "once"}, headers=headers)
+    finally:
+        gate["release"].set()
+        worker.join(15)
+    with TestClient(app) as third:
+        answers["replay"] = third.post("/slow", json={"name": "once"}, headers=headers)
+    assert answers["busy"].status_code == 409
+    assert answers["first"].status_code == answers["replay"].status_code == 201
+    assert answers["replay"].json() == answers["first"].json()
+    assert answers["replay"].headers["Idempotent-Replayed"] == "true"
+    assert Destination.select(org_id=org).count() == 1
