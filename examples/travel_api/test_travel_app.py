@@ -41,6 +41,8 @@ def test_trip_created_once_and_replayed(client: TestClient, headers: dict[str, s
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
+    assert first.headers["RateLimit-Policy"] == again.headers["RateLimit-Policy"] == (
+        '"crud";q=60;w=60')
     assert Itinerary.select(org_id=org_id).count() == 1
 
 
