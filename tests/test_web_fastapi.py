@@ -373,3 +373,21 @@ def test_concurrent_same_key_gets_409_then_replay(tenantdb_committed: TenantData
     assert answers["replay"].json() == answers["first"].json()
     assert answers["replay"].headers["Idempotent-Replayed"] == "true"
     assert Destination.select(org_id=org).count() == 1
+
+
+@pytest.mark.anyio
+async def test_async_test_with_asgi_transport_shares_the_transaction(
+    tenant_db: TenantDatabase, member: dict[str, str], org_id: uuid.UUID
+) -> None:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        made = await http.post("/destinations/Faro", headers=member)
+    assert made.status_code == 201
+    assert Destination.get(Destination.name == "Faro", org_id=org_id).name == "Faro"
+
+
+def test_body_over_the_limit_is_413(client: TestClient, member: dict[str, str]) -> None:
+    big = {"tag": "x" * (1024 * 1024 + 10)}
+    response = client.post("/items", json=big, headers={**member, "Idempotency-Key": '"big"'})
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
