@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from starlette.responses import Response
 from . import ratelimit, web
 from .context import parse_uuid, require_org
 from .db import database
-from .errors import ClaimInTransactionError, TenancyError, UnknownUserError
+from .errors import ClaimInTransactionError, TenancyError, TenantDBError, UnknownUserError
 from .fingerprint import MAX_JSON_BYTES, Fingerprint
 from .models import User
 
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 #: What an app's resolver returns: the raw org and user of a request (any form
 #: ``require_org``/``parse_uuid`` accept), from headers, a token claim, a session ...
 ScopeResolver = Callable[[Request], "tuple[object, object] | Awaitable[tuple[object, object]]"]
@@ -311,7 +313,7 @@ def install(app: Any) -> None:
 # The classes whose errors ERROR_STATUS maps (a handler per class: Starlette re-raises
 # whatever reaches its catch-all handler for Exception).
 _HANDLED: tuple[type[Exception], ...] = (
-    TenancyError, UnknownUserError, ClaimInTransactionError, peewee.DoesNotExist,
+    TenantDBError, TenancyError, UnknownUserError, ClaimInTransactionError, peewee.DoesNotExist,
     peewee.DatabaseError, peewee.InterfaceError, MaxConnectionsExceeded,
 )
 
@@ -320,6 +322,9 @@ async def _error_handler(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ProblemError):
         return to_response(exc.response, request)
     http = web.error_response(exc)
+    if http is None or http.status >= 500:
+        # The client gets a generic problem; the operator gets the traceback.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     if http is None:
         http = web.problem(500, None, "the server could not process the request",
                            kind="server-error")

@@ -90,6 +90,10 @@ DEGRADED_HEADER = "RateLimit-Degraded"
 # The RateLimit draft's problem type for a quota refusal.
 QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 _PROBLEM_BASE = "tag:tenantdb,2026:problem:"
+# Errors meaning "the database cannot serve now", by class name so that the pool's and the
+# connection layer's own classes match without importing them here.
+_UNAVAILABLE_NAMES = frozenset({"MaxConnectionsExceeded", "DatabaseUnavailableError",
+                                "PoolExhaustedError", "StatementTimeoutError"})
 # Version tag of the stored replay envelope (response_body of the idempotency entry).
 _ENVELOPE = "tenantdb.http/1"
 
@@ -401,9 +405,9 @@ def _database_unavailable(exc: BaseException) -> bool:
     # peewee.OperationalError covers lost connections, refused connects and timeouts (and,
     # once wrapped by tenantdb, its DatabaseUnavailableError subclasses it). The pool's
     # MaxConnectionsExceeded is a ValueError subclass in playhouse.
-    return isinstance(exc, peewee.OperationalError | peewee.InterfaceError) or (
-        type(exc).__name__ in ("MaxConnectionsExceeded", "DatabaseUnavailableError",
-                               "PoolExhaustedError", "StatementTimeoutError"))
+    return isinstance(exc, peewee.OperationalError | peewee.InterfaceError) or any(
+        cls.__name__ in _UNAVAILABLE_NAMES for cls in type(exc).__mro__)
+
 
 
 #: Errors → HTTP, first match wins. One source: the FastAPI adapter and the README read it.

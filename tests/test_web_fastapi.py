@@ -391,3 +391,21 @@ def test_body_over_the_limit_is_413(client: TestClient, member: dict[str, str]) 
     response = client.post("/items", json=big, headers={**member, "Idempotency-Key": '"big"'})
     assert response.status_code == 413
     assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_database_unreachable_is_503_problem(tenantdb_committed: TenantDatabase) -> None:
+    saved = dict(tenantdb_committed.connect_params)
+    tenantdb_committed.close_all()
+    # New connections go to a closed port: the server is down as far as the app can tell.
+    tenantdb_committed.connect_params = {**saved, "host": "127.0.0.1", "port": 9}
+    try:
+        with TestClient(app) as http:
+            answer = http.get(f"/destinations/{uuid.uuid4()}", headers={
+                "X-Org-Id": str(uuid.uuid4()), "X-User-Id": str(uuid.uuid4())})
+    finally:
+        tenantdb_committed.close_all()
+        tenantdb_committed.connect_params = saved
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert int(answer.headers["Retry-After"]) >= 1
+    assert "127.0.0.1" not in answer.text  # nothing about the server leaks
