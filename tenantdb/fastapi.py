@@ -232,8 +232,7 @@ class IdempotentRequest:
             return _to_http(handler(), status_code)
 
         if self.key is None:
-            with database.atomic():
-                http = render()
+            http = web.run_in_transaction(render, database.atomic)
         else:
             http = web.run_idempotent(
                 self.key, org_id=self.scope.org_id, user_id=self.scope.user_id,

@@ -71,6 +71,7 @@ __all__ = [
     "rate_limit_refusal",
     "request_fingerprint",
     "run_idempotent",
+    "run_in_transaction",
 ]
 
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -257,20 +258,37 @@ def run_idempotent(
         return problem(422, "Idempotency key reused", "this Idempotency-Key was used with "
                        "another request (method, path or body); use a new key",
                        kind="idempotency-key-reused")
+    def complete(response: HTTPResponse) -> None:
+        mark_completed(key, org_id=org_id, user_id=user_id, body_hash=request.body_hash,
+                       response_status=response.status, response_body=_envelope(response))
+
+    try:
+        response = run_in_transaction(handler, atomic, on_success=complete)
+    except BaseException:
+        mark_error(key, org_id=org_id, user_id=user_id)
+        raise
+    if response.status >= 500:
+        mark_error(key, org_id=org_id, user_id=user_id)
+    return response
+
+
+def run_in_transaction(
+    handler: Callable[[], HTTPResponse],
+    atomic: Callable[[], Any],
+    *,
+    on_success: Callable[[HTTPResponse], None] | None = None,
+) -> HTTPResponse:
+    """Run ``handler`` inside ``atomic()``: a 5xx response (or an exception) rolls its
+    writes back; otherwise ``on_success(response)`` runs in the same transaction."""
     try:
         with atomic():
             response = handler()
             if response.status >= 500:
                 raise _RetryableResponse(response)
-            mark_completed(key, org_id=org_id, user_id=user_id, body_hash=request.body_hash,
-                           response_status=response.status,
-                           response_body=_envelope(response))
+            if on_success is not None:
+                on_success(response)
     except _RetryableResponse as failed:
-        mark_error(key, org_id=org_id, user_id=user_id)
         return failed.response
-    except BaseException:
-        mark_error(key, org_id=org_id, user_id=user_id)
-        raise
     return response
 
 
