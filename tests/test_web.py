@@ -140,3 +140,21 @@ def test_unique_conflict_is_409_and_missing_reference_404(tenant_db: object) -> 
         Itinerary.create(org_id=org, user_id=uuid.uuid4(), title="t")
     missing = error_response(dangling.value)
     assert missing is not None and missing.status == 404
+
+
+def test_5xx_response_rolls_back_the_handlers_writes(tenant_db: object,
+                                                     org_id: uuid.UUID) -> None:
+    from tenantdb.db import database
+    from tenantdb.web import HTTPResponse, run_in_transaction
+
+    def handler(status: int) -> HTTPResponse:
+        Destination.create(org_id=org_id, name=f"s{status}")
+        return HTTPResponse(status)
+
+    stored: list[int] = []
+    assert run_in_transaction(lambda: handler(503), database.atomic,
+                              on_success=lambda r: stored.append(r.status)).status == 503
+    assert run_in_transaction(lambda: handler(201), database.atomic,
+                              on_success=lambda r: stored.append(r.status)).status == 201
+    assert [d.name for d in Destination.select(org_id=org_id)] == ["s201"]
+    assert stored == [201]
