@@ -19,8 +19,6 @@ and a new request starts afresh. Every time comes from the database's clock.
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import json
 import logging
 import re
 import uuid
@@ -29,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any
 
 import peewee
 from psycopg2.extras import Json
@@ -42,11 +40,14 @@ from .errors import (
     KeyNotClaimedError,
     UnknownUserError,
 )
+from .fingerprint import MAX_JSON_BYTES, MAX_JSON_DEPTH, Fingerprint, canonical_json, fingerprint
 from .tenancy import execute_scoped
 
 __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_TTL",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
     "Claim",
     "ClaimInTransactionError",
     "ClaimOutcome",
@@ -246,13 +247,6 @@ class Claim:
     took_over: bool = False
 
 
-class Fingerprint(NamedTuple):
-    """The two hashes :func:`begin` stores: ``body_hash, headers_hash = fingerprint(...)``."""
-
-    body_hash: str
-    headers_hash: str
-
-
 # PUBLIC API
 
 def begin(
@@ -424,24 +418,6 @@ def save_result(
     with _unknown_user_as_error(org, user):
         row = execute_scoped(org, SAVE_RESULT_SQL, params).fetchone()
     return _entry(row)
-
-
-def fingerprint(
-    body: Any,
-    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-    include: Iterable[str] = (),
-) -> Fingerprint:
-    """Hash a request canonically: sha256 hex of its body and of the headers named.
-
-    A body given as ``str``/``bytes`` that parses as JSON, or as Python values, hashes as
-    canonical JSON: key order and whitespace do not matter (``1`` and ``1.0`` do). Any
-    other ``str``/``bytes`` hashes as its UTF-8 bytes; ``None`` as an empty body. Only the
-    headers named in ``include`` count, names case-insensitive, values stripped, repeated
-    headers in their order; with no ``include`` the headers hash is ``""``.
-
-    :raises ValueError: a body that is neither text nor JSON-serialisable (NaN, sets ...).
-    """
-    return Fingerprint(_body_hash(body), _headers_hash(headers, include))
 
 
 @contextmanager
@@ -658,46 +634,7 @@ def _check_response_status(code: object) -> None:
 def _json_param(value: Any) -> Json | None:
     if value is None:
         return None
-    text = _canonical_json(value, "response_body")
+    text = canonical_json(value, "response_body")
     if _JSON_NUL.search(text):
         raise ValueError("response_body contains U+0000, which jsonb cannot store")
     return Json(value, dumps=lambda _: text)
-
-
-def _canonical_json(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not JSON: {exc}") from None
-
-
-def _body_hash(body: Any) -> str:
-    if body is None:
-        body = b""
-    if isinstance(body, str | bytes | bytearray):
-        raw = body.encode() if isinstance(body, str) else bytes(body)
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return _sha256(b"raw:" + raw)
-        return _sha256(b"json:" + _canonical_json(value, "body").encode())
-    return _sha256(b"json:" + _canonical_json(body, "body").encode())
-
-
-def _headers_hash(
-    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None, include: Iterable[str]
-) -> str:
-    wanted = {name.strip().lower() for name in include}
-    if not wanted:
-        return ""
-    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
-    kept: dict[str, list[str]] = {}
-    for name, value in pairs:
-        if name.strip().lower() in wanted:
-            kept.setdefault(name.strip().lower(), []).append(value.strip())
-    return _sha256(_canonical_json(sorted(kept.items()), "headers").encode())
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

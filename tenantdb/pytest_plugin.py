@@ -42,6 +42,7 @@ from .models import Org
 from .redis_client import redis_client
 from .seeds import load_seeds
 from .settings import get_settings, override_settings
+from .shared_transaction import admitted, share_transaction
 
 __all__ = ["TestDatabase", "TestRedis"]
 
@@ -103,7 +104,9 @@ class _Access:
         self.thread: int | None = None
 
     def check(self) -> None:
-        if not (self.everyone or self.thread == threading.get_ident()):
+        # admitted(): a thread running a context copied from the test's (a TestClient or
+        # ASGITransport request); see tenantdb.shared_transaction.
+        if not (self.everyone or self.thread == threading.get_ident() or admitted()):
             __tracebackhide__ = True
             raise RuntimeError(NO_ACCESS)
 
@@ -165,24 +168,28 @@ def tenant_db(tenantdb_database: TestDatabase) -> Iterator[db.TenantDatabase]:
     """Function scope: the test runs inside one transaction, rolled back at its end.
 
     Code under test may open its own (nested) ``atomic()`` blocks: they become savepoints,
-    and idempotency claims are allowed inside the transaction. Only the test's own thread may
-    use the database; for threads use ``tenantdb_committed``.
+    and idempotency claims are allowed inside the transaction. The test's thread may use
+    the database, and so may requests made through Starlette's ``TestClient`` or
+    ``httpx.ASGITransport`` (they run in contexts copied from the test's: see
+    :mod:`tenantdb.shared_transaction`); other threads are refused: for threads of your
+    own use ``tenantdb_committed``.
     """
     access = _guard()
     access.thread = threading.get_ident()
     database = db.database
-    database.connect(reuse_if_open=True)
-    outer = database.transaction()
-    outer.__enter__()
-    try:
-        # Claims inside the test's transaction are what the test wants to exercise.
-        with allow_claims_in_transaction():
-            yield database
-    finally:
-        # Leaving the outermost transaction with an exception is peewee's rollback path.
-        outer.__exit__(_RollbackSignal, _RollbackSignal(), None)
-        access.thread = None
-        database.close()
+    with share_transaction(database):
+        database.connect(reuse_if_open=True)
+        outer = database.transaction()
+        outer.__enter__()
+        try:
+            # Claims inside the test's transaction are what the test wants to exercise.
+            with allow_claims_in_transaction():
+                yield database
+        finally:
+            # Leaving the outermost transaction with an exception is peewee's rollback path.
+            outer.__exit__(_RollbackSignal, _RollbackSignal(), None)
+            access.thread = None
+            database.close()
 
 
 @pytest.fixture
