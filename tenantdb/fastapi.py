@@ -162,13 +162,13 @@ def rate_limit(
     """
     from fastapi import Depends
 
-    window = ratelimit.bucket_spec(bucket).period_s
+    ratelimit.bucket_spec(bucket)  # an unknown bucket fails where the route is declared
 
     async def rate_limit_dependency(
         request: Request, response: Response, who: RequestScope = Depends(scope)
     ) -> ratelimit.RateLimitResult:
         result = await _check_rate_limit(who, bucket)
-        decision = web.rate_decision(bucket, result, window)
+        decision = web.rate_decision(result)
         refusal = web.rate_limit_refusal(decision)
         if refusal is not None:
             raise ProblemError(refusal)
@@ -189,22 +189,8 @@ def _state_headers(request: Request) -> list[tuple[str, str]]:
 
 
 async def _check_rate_limit(who: RequestScope, bucket: str) -> ratelimit.RateLimitResult:
-    # The one call site of the rate limiter: the awaitable check when the installed
-    # tenantdb has it (same script, one round trip on an async client), else the
-    # synchronous one on a worker thread. Keys name the org where the API takes it.
-    check: Any = getattr(ratelimit, "acheck_rate_limit", None)
-    extra: dict[str, Any] = (
-        {"org_id": who.org_id} if _takes_org(ratelimit.check_rate_limit) else {})
-    if check is not None:
-        return await check(who.user_id, bucket, **extra)  # type: ignore[no-any-return]
-    sync_check: Any = ratelimit.check_rate_limit
-    call = functools.partial(sync_check, who.user_id, bucket, **extra)
-    return await anyio.to_thread.run_sync(call)
-
-
-@functools.lru_cache(maxsize=4)
-def _takes_org(func: Callable[..., Any]) -> bool:
-    return "org_id" in inspect.signature(func).parameters
+    # The awaitable check: the same script, key and single round trip on an async client.
+    return await ratelimit.acheck_rate_limit(who.user_id, bucket, org_id=who.org_id)
 
 
 # IDEMPOTENCY

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -335,27 +334,25 @@ class RateDecision:
     retry_after_s: int | None = None
 
 
-def rate_decision(bucket: str, result: RateLimitResult, window_s: int = 60) -> RateDecision:
+def rate_decision(result: RateLimitResult) -> RateDecision:
     """Read a :class:`~tenantdb.ratelimit.RateLimitResult` (the one place that does).
 
-    A degraded result has ``remaining`` and ``retry_after_seconds`` set to ``None``: Redis
-    gave no numbers. ``allowed`` then says the bucket's failure mode.
+    A degraded result (Redis could not be asked) carries no numbers: ``allowed`` then says
+    the bucket's failure mode, and nothing ``None`` is ever rendered.
     """
+    bucket, limit, window_s = result.policy, result.limit, result.window_seconds
     if result.degraded:
         if result.allowed:
-            return RateDecision(RateLimitState.FAIL_OPEN, bucket, result.limit, window_s)
-        return RateDecision(RateLimitState.FAIL_CLOSED, bucket, result.limit, window_s,
+            return RateDecision(RateLimitState.FAIL_OPEN, bucket, limit, window_s)
+        return RateDecision(RateLimitState.FAIL_CLOSED, bucket, limit, window_s,
                             retry_after_s=DEGRADED_RETRY_AFTER_S)
-    remaining = max(0, result.remaining or 0)
+    remaining = result.remaining or 0
+    reset = result.reset_after_seconds or 0
     if result.allowed:
-        # A token bucket refills evenly: the bucket is full after (limit - remaining)
-        # refill intervals (an upper bound: the current interval is partly elapsed).
-        reset = math.ceil((result.limit - remaining) * window_s / result.limit)
-        return RateDecision(RateLimitState.ALLOWED, bucket, result.limit, window_s,
-                            remaining, reset)
+        return RateDecision(RateLimitState.ALLOWED, bucket, limit, window_s, remaining, reset)
     wait = result.retry_after_seconds if result.retry_after_seconds is not None else window_s
-    return RateDecision(RateLimitState.DENIED, bucket, result.limit, window_s, remaining,
-                        max(1, wait), max(1, wait))
+    return RateDecision(RateLimitState.DENIED, bucket, limit, window_s, remaining,
+                        max(reset, wait), wait)
 
 
 def rate_limit_headers(decision: RateDecision) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import pytest
 
 from tenantdb.errors import CrossOrgError, MissingOrgError, UnknownUserError
 from tenantdb.models import Destination, Org
-from tenantdb.ratelimit import RateLimitResult
+from tenantdb.ratelimit import RateLimitReason, RateLimitResult
 from tenantdb.web import (
     PROBLEM_JSON,
     IdempotencyKeyError,
@@ -24,6 +24,10 @@ from tenantdb.web import (
     rate_limit_refusal,
     request_fingerprint,
 )
+
+WITHIN = RateLimitReason.WITHIN_LIMIT
+OVER = RateLimitReason.OVER_LIMIT
+DOWN = RateLimitReason.REDIS_UNAVAILABLE
 
 
 @pytest.mark.parametrize(("header", "key"), [
@@ -65,14 +69,14 @@ def test_fingerprint_covers_method_path_body_and_named_headers() -> None:
 
 
 def test_allowed_result_gets_policy_and_remaining() -> None:
-    decision = rate_decision("crud", RateLimitResult(True, 60, 59, None), 60)
+    decision = rate_decision(RateLimitResult(True, 60, 60, "crud", 59, 1, None, WITHIN))
     headers = dict(rate_limit_headers(decision))
     assert headers == {"RateLimit-Policy": '"crud";q=60;w=60', "RateLimit": '"crud";r=59;t=1'}
     assert rate_limit_refusal(decision) is None
 
 
 def test_denied_result_is_429_with_retry_after() -> None:
-    decision = rate_decision("agent", RateLimitResult(False, 5, 0, 12), 60)
+    decision = rate_decision(RateLimitResult(False, 5, 60, "agent", 0, 12, 12, OVER))
     refusal = rate_limit_refusal(decision)
     assert refusal is not None and refusal.status == 429
     assert refusal.header("Retry-After") == "12"
@@ -82,7 +86,7 @@ def test_denied_result_is_429_with_retry_after() -> None:
 
 
 def test_degraded_fail_open_is_allowed_marked_and_never_renders_none() -> None:
-    decision = rate_decision("crud", RateLimitResult(True, 60, None, None, degraded=True))
+    decision = rate_decision(RateLimitResult(True, 60, 60, "crud", None, None, None, DOWN))
     assert decision.state is RateLimitState.FAIL_OPEN
     assert rate_limit_refusal(decision) is None
     headers = rate_limit_headers(decision)
@@ -92,7 +96,7 @@ def test_degraded_fail_open_is_allowed_marked_and_never_renders_none() -> None:
 
 
 def test_degraded_fail_closed_is_503_not_429() -> None:
-    decision = rate_decision("agent", RateLimitResult(False, 5, None, None, degraded=True))
+    decision = rate_decision(RateLimitResult(False, 5, 60, "agent", None, None, None, DOWN))
     refusal = rate_limit_refusal(decision)
     assert refusal is not None and refusal.status == 503
     assert refusal.header("Retry-After") is not None
