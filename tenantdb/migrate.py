@@ -24,7 +24,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from .db import database_url
+from .db import owner_database_url as database_url
 from .errors import ConfigurationError, MigrationError
 
 __all__ = [
