@@ -173,7 +173,11 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         ``(timestamp, counter, conn)``) and ``_in_use`` (``conn_key -> PoolConnection``)."""
         while self._connections:
             ts, _counter, conn = heapq.heappop(self._connections)
-            if self._is_closed(conn) or (self._stale_timeout and self._is_stale(ts)):
+            if self._is_closed(conn):
+                # Dropped, not closed: a thread may still be reading rows from a cursor of
+                # it (close() would invalidate them); it closes when the last one goes.
+                continue
+            if self._stale_timeout and self._is_stale(ts):
                 self._close_raw(conn)
                 continue
             self._in_use[self.conn_key(conn)] = PoolConnection(ts, conn, time.time())

@@ -29,6 +29,7 @@ from tenantdb.errors import (
     NotConnectedError,
     PoolExhaustedError,
     StatementTimeoutError,
+    TenancyError,
     TenantDBError,
 )
 from tenantdb.models import Destination, Org
@@ -530,3 +531,27 @@ def test_tenant_db_takes_the_role_per_statement(org_id: uuid.UUID,
     with cross_org(reason="test: pinned admin"):
         assert tenant_db.execute_sql("SELECT current_user").fetchone() == ("tenantdb_admin",)
     assert tenant_db.execute_sql("SELECT current_user").fetchone() == ("tenantdb_app",)
+
+
+def test_rows_stay_readable_after_the_connection_went_back_and_was_reused(
+        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+    with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=1):
+        cursor = db.database.execute_sql("SELECT generate_series(1, 500)")
+        assert len(db.database._in_use) == 0  # given back before the rows are read
+
+        def other() -> None:
+            for _ in range(20):
+                Destination.select(org_id=twins[1]).count()
+
+        run_threads(2, lambda _: other())
+        assert [n for (n,) in cursor.fetchall()] == list(range(1, 501))
+
+
+def test_a_query_built_inside_cross_org_runs_without_it_outside(
+        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_committed: db.TenantDatabase) -> None:
+    with cross_org(reason="test: built here"):
+        query = Destination.select(Destination.org_id)
+        assert {d.org_id for d in query} == set(twins)
+    # Run outside the block: the application login, whose row-level security wants an org.
+    with pytest.raises((peewee.DatabaseError, TenancyError)):
+        list(query.clone())
