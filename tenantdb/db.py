@@ -161,6 +161,7 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         super().__init__(database, **kwargs)
         self._state: _State | _SharedState = _State()
         self._connecting = 0  # connects in progress, counted against the pool's size
+        self._waiting = 0  # callers waiting for a connection to come back
         self._pin: _Pin | None = None
         self._statement_timeout_ms = 0
 
@@ -195,8 +196,23 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         self._in_use[self.conn_key(conn)] = PoolConnection(now, conn, now)
 
     def _wait_for_release(self, seconds: float) -> None:
-        # Peewee's condition, notified by every check-in (PooledDatabase._close).
-        self._pool_available.wait(timeout=seconds)
+        # Peewee's condition, notified by its check-in (PooledDatabase._close) and by ours.
+        self._waiting += 1
+        try:
+            self._pool_available.wait(timeout=seconds)
+        finally:
+            self._waiting -= 1
+
+    def _put_back(self, conn: Any) -> None:
+        """Peewee's check-in of a live, idle connection, without its per-call logging and
+        reuse checks (the caller saw it idle): the borrow's hot path (pool lock held)."""
+        pool_conn = self._in_use.pop(self.conn_key(conn), None)
+        if pool_conn is None:
+            return  # close_all() closed it meanwhile
+        self._heap_counter += 1
+        heapq.heappush(self._connections, (pool_conn.timestamp, self._heap_counter, conn))
+        if self._waiting:
+            self._pool_available.notify()
 
     def _notify_waiters(self) -> None:
         self._pool_available.notify_all()
@@ -268,10 +284,19 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
             self._close(conn)  # Peewee's check-in: rolls back a dirty one, drops a dead one
 
     def _release_if_idle(self) -> None:
+        """Give back a borrowed connection once no transaction needs it."""
         state = self._state
-        if state.borrowed and not state.closed and not state.transactions and (
-                state.conn.closed or state.conn.info.transaction_status == _IDLE):
+        conn = state.conn
+        if not state.borrowed or conn is None or state.transactions:
+            return
+        if conn.closed or self._stale_timeout:
             self._release()
+        elif conn.info.transaction_status == _IDLE:
+            # Hot path, once per statement: no transaction was open, so the state's lists
+            # are empty and only the connection needs clearing.
+            state.conn, state.closed, state.borrowed = None, True, False
+            with self._pool_lock:
+                self._put_back(conn)
 
     def _ensure_connection(self) -> bool:
         """Make sure this thread has a connection; returns whether it is borrowed."""
@@ -286,8 +311,11 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
             state.borrowed = borrowed
             return borrowed
         if state.closed:
-            self.connect()
-            state.borrowed = True
+            conn = self._checkout()
+            state.conn, state.closed, state.borrowed = conn, False, True
+            if self.server_version is None:
+                self._set_server_version(conn)
+            return True
         return bool(state.borrowed)
 
     def close(self) -> bool:
