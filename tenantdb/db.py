@@ -476,6 +476,8 @@ class TenantDatabase(LoginPool):
         """The pool this statement or transaction belongs to, decided now."""
         if self._pin is not None or cross_org_reason() is None:
             return self
+        if self.deferred:
+            raise NotConnectedError(NOT_CONNECTED)
         if self.admin.deferred:
             raise ConfigurationError(NO_ADMIN)
         return self.admin

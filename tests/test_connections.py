@@ -123,6 +123,7 @@ def test_fifty_threads_share_a_pool_of_five_without_close(
             done.set()
             watcher.join()
         in_use = len(db.database._in_use)
+    print(f"50 threads, pool of 5: {len(errors)} errors, peak {peak} server connections")
     assert errors == []
     assert 1 <= peak <= 5
     assert in_use == 0  # every connection went back to the pool
@@ -211,6 +212,7 @@ def test_terminated_backends_mid_load_cost_at_most_the_statements_in_flight(
             killer.close()
             for thread in threads:
                 thread.join(60)
+    print(f"terminated {terminated} backends; {len(failures)} call(s) failed")
     assert terminated >= 8
     assert all(isinstance(f, ConnectionLostError) for f in failures), failures[:3]
     # Each termination can fail only a statement running on that backend at that moment.
@@ -330,6 +332,8 @@ def test_server_restart_mid_load_every_thread_recovers(
             thread.join(60)
     assert restart.returncode == 0, restart.stderr
     lost = [f for f in failures if isinstance(f, ConnectionLostError)]
+    print(f"restart: {len(lost)} lost in flight, {len(failures) - len(lost)} refused while "
+          "the server was down")
     assert len(lost) <= 4  # at most one statement in flight per pooled connection
     assert len(finals) == 8 and all(n >= 1 for n in finals)  # every thread recovered
 
@@ -361,6 +365,7 @@ def test_frozen_server_each_connecting_thread_fails_within_its_own_timeout(
         finally:
             os.kill(pid, signal.SIGCONT)
         assert db.database.execute_sql("SELECT 1").fetchone() == (1,)  # back after SIGCONT
+    print(f"frozen server: {sorted(round(e, 2) for e in elapsed)} s, wall {wall:.2f} s")
     assert len(errors) == 4 and all(isinstance(e, DatabaseUnavailableError) for e in errors)
     assert max(elapsed) < timeout * 1.9, elapsed  # not 2, 4, 6, 8 s
     assert wall < timeout * 2.5, wall
@@ -431,8 +436,12 @@ def test_statement_timeout_names_the_setting(
 
 def test_forgetting_connect_says_to_call_it() -> None:
     unbound = db.TenantDatabase(None)
+    def across() -> None:
+        with cross_org(reason="test: not connected"):
+            unbound.execute_sql("SELECT 1")
+
     for call in (lambda: unbound.execute_sql("SELECT 1"), unbound.connect,
-                 lambda: unbound.atomic().__enter__()):
+                 lambda: unbound.atomic().__enter__(), across):
         with pytest.raises(NotConnectedError, match=r"tenantdb\.connect\(\)") as caught:
             call()
         assert isinstance(caught.value, peewee.InterfaceError)
