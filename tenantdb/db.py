@@ -303,7 +303,9 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         if self.deferred:
             raise NotConnectedError(NOT_CONNECTED)
         state = self._state
-        if not state.closed and state.conn.closed and not state.transactions:
+        if not state.closed and not state.transactions and not state.borrowed and (
+                state.conn.closed or (state.conn.info.transaction_status == _IDLE
+                                      and _has_input(state.conn))):
             # A held connection died between statements: replace it, keep holding.
             borrowed = state.borrowed
             self._release()

@@ -564,3 +564,22 @@ def test_a_query_built_inside_cross_org_runs_without_it_outside(
     # Run outside the block: the application login, whose row-level security wants an org.
     with pytest.raises((peewee.DatabaseError, TenancyError)):
         list(query.clone())
+
+
+def test_a_held_connection_killed_between_statements_is_replaced(
+        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+    with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=2):
+        database = db.database
+        database.connect()  # the old model: the thread holds one connection
+        try:
+            pid = database.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+            killer = owner_conn(tenantdb_database.url)
+            try:
+                scalar(killer, "SELECT pg_terminate_backend(%s)", pid)
+            finally:
+                killer.close()
+            time.sleep(0.2)
+            Destination.create(org_id=twins[0], name="after the kill")  # no error
+            assert database.execute_sql("SELECT pg_backend_pid()").fetchone()[0] != pid
+        finally:
+            database.close()
