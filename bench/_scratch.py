@@ -28,14 +28,14 @@ def scratch_database(*, shared_buffers: str | None = None, keep: bool = False) -
     :param keep: leave the database (and the embedded server) behind for inspection.
     """
     home = None
-    server = get_settings().database_url
+    server = get_settings().owner_database_url or get_settings().database_url
     if server is None:
         home = Path(tempfile.mkdtemp(prefix="tdb-bench-"))
-        server = embedded.start(home).database_url
+        server = embedded.start(home).owner_database_url
         if shared_buffers is not None:
             admin(server, f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
             embedded.stop(home)
-            server = embedded.start(home).database_url
+            server = embedded.start(home).owner_database_url
     name = f"tenantdb_bench_{uuid.uuid4().hex[:8]}"
     admin(server, f"CREATE DATABASE {name}")
     try:

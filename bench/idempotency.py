@@ -179,7 +179,7 @@ def operations(org: uuid.UUID, user: uuid.UUID) -> dict[str, Callable[[int], obj
 def run(rounds: int, ops: int) -> tuple[dict[str, tuple[int, int]], dict[str, list[float]]]:
     samples: dict[str, list[float]] = {}
     with database_url() as url:
-        db.connect(url)
+        db.connect(db.with_login(url, db.APP_ROLE), admin_url=url)
         try:
             with bench_owner() as (org, user):
                 counts = count_round_trips(org, user)

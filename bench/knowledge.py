@@ -193,7 +193,7 @@ def _copy_chunk(data: DataSet, items: list[tuple[int, uuid.UUID, int]], begin: i
 
 
 def measure(url: str, data: DataSet) -> list[Cell]:
-    db.connect(url)  # tenantdb: the application role, row-level security on
+    db.connect(db.with_login(url, db.APP_ROLE), admin_url=url)  # the application login: RLS on
     raw = psycopg2.connect(url)  # naive and exact: the owner, plain psycopg2
     raw.autocommit = True
     cur = raw.cursor()

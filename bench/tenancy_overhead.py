@@ -100,7 +100,8 @@ def main() -> None:
     with scratch_database() as url:
         migrate.migrate(url)
         keys = load(url, args.rows, args.orgs)
-        db.connect(url)
+        # The application login, as production runs: row-level security binds it.
+        db.connect(db.with_login(url, db.APP_ROLE), admin_url=url)
         plain = PooledPostgresqlExtDatabase(None)
         plain.init(urlsplit(url).path[1:], **_connect_kwargs(url))
         PlainDestination.bind(plain)

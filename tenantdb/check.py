@@ -19,7 +19,8 @@ from pathlib import Path
 import psycopg2
 import psycopg2.extensions
 
-from .db import ADMIN_ROLE, APP_ROLE, database_url
+from .db import ADMIN_ROLE, APP_ROLE
+from .db import owner_database_url as database_url
 
 __all__ = ["Violation", "check_schema", "table_violations"]
 

@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import peewee
+import psycopg2
 import psycopg2.extensions
+from playhouse.pool import MaxConnectionsExceeded
 
 from . import embedded, migrate
-from .db import connect, database_url
+from .db import connect, owner_database_url
 from .errors import TenantDBError
 from .settings import get_settings
 
@@ -37,9 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return handler(args)
-    except (TenantDBError, ValueError) as exc:
-        print(f"tenantdb {args.command}: {exc}", file=sys.stderr)
+    except (TenantDBError, ValueError, peewee.PeeweeException, psycopg2.Error,
+            MaxConnectionsExceeded) as exc:
+        # One line, never a traceback: tenantdb's own errors already say what to do; a
+        # driver error that escaped a boundary is still reported, not dumped.
+        print(f"tenantdb {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, psycopg2.OperationalError):
+        text += (" (check TENANTDB_OWNER_DATABASE_URL / TENANTDB_DATABASE_URL and that the "
+                 "server is running)")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -243,7 +257,8 @@ def _seed(args: argparse.Namespace) -> int:
     if not args.demo and args.path is None and not path.exists():
         raise ValueError("no ./seeds folder here: give a PATH, or --demo for the demo seeds")
     _import_models(args.models)
-    connect()
+    owner = owner_database_url()
+    connect(owner, admin_url=owner)  # seeds are the owner's work, like migrations
     report = load_seeds(path)
     for table, counts in report.tables.items():
         print(f"{table:<16} created {counts.created:>4}  already present {counts.present:>4}")
@@ -281,7 +296,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _pgenv(args: argparse.Namespace) -> int:
-    url = database_url()
+    url = owner_database_url()  # psql and plain pyway: migrations are the owner's
     if urlsplit(url).scheme not in ("postgres", "postgresql"):
         raise ValueError(f"{url!r} is not a PostgreSQL URL")
     params = psycopg2.extensions.parse_dsn(url)

@@ -23,6 +23,8 @@ from .errors import ConfigurationError
 __all__ = ["EmbeddedUrls", "ServerStatus", "running_urls", "start", "status", "stop"]
 
 APP_DATABASE = "tenantdb"
+APP_LOGIN = "tenantdb_app"  # created by `tenantdb migrate` (V01_02)
+SUPERUSER = "postgres"  # pgserver's; the owner and, in development, the admin login
 _STATE_FILE = "servers.json"
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 _START_TIMEOUT_S = 10.0
@@ -32,28 +34,50 @@ _INSTALL_HINT = "the embedded servers need the extra: pip install 'tenantdb[embe
 
 @dataclass(frozen=True)
 class EmbeddedUrls:
-    """Where the embedded servers listen.
+    """Where the embedded servers listen, and the three logins of the ``tenantdb`` database.
 
-    :param database_url: PostgreSQL URL of the ``tenantdb`` database (unix socket).
+    :param database_url: the application login ``tenantdb_app`` (what ``connect()`` uses;
+        the role exists once ``tenantdb migrate`` has run).
     :param redis_url: Redis URL in the ``redis+unix://`` form that ``limits`` understands.
     :param pg_socket_dir: the folder of PostgreSQL's socket (libpq's ``PGHOST``).
     :param pg_port: the port in the socket's name (libpq's ``PGPORT``).
+    :param admin_database_url: the admin login for ``cross_org`` work: in development the
+        superuser ``postgres``, like the owner.
+    :param owner_database_url: the owner login (migrations, ``check``, ``seed``): the
+        superuser ``postgres``.
     """
 
     database_url: str
     redis_url: str
     pg_socket_dir: str
     pg_port: int
+    admin_database_url: str = ""
+    owner_database_url: str = ""
+
+    @classmethod
+    def for_server(cls, pg_socket_dir: str, pg_port: int, redis_url: str) -> EmbeddedUrls:
+        """The URLs of a server listening in ``pg_socket_dir`` (port ``pg_port``)."""
+        where = f"/{APP_DATABASE}?host={quote(pg_socket_dir)}&port={pg_port}"
+        return cls(
+            database_url=f"postgresql://{APP_LOGIN}@{where}",
+            redis_url=redis_url,
+            pg_socket_dir=pg_socket_dir,
+            pg_port=pg_port,
+            admin_database_url=f"postgresql://{SUPERUSER}@{where}",
+            owner_database_url=f"postgresql://{SUPERUSER}@{where}",
+        )
 
     def exports(self) -> list[str]:
         """Shell lines that point tenantdb, psql and plain ``pyway`` at these servers."""
         values = {
             "TENANTDB_DATABASE_URL": self.database_url,
+            "TENANTDB_ADMIN_DATABASE_URL": self.admin_database_url,
+            "TENANTDB_OWNER_DATABASE_URL": self.owner_database_url,
             "TENANTDB_REDIS_URL": self.redis_url,
             "PGHOST": self.pg_socket_dir,
             "PGPORT": str(self.pg_port),
             "PGDATABASE": APP_DATABASE,
-            "PGUSER": "postgres",
+            "PGUSER": SUPERUSER,
         }
         return [f"export {name}='{value}'" for name, value in values.items()]
 
@@ -79,12 +103,7 @@ def start(home: Path) -> EmbeddedUrls:
     home.mkdir(parents=True, exist_ok=True)
     pg_socket_dir, pg_port = _start_postgres(home / "pgdata")
     redis_sock = _start_redis(home / "redis")
-    urls = EmbeddedUrls(
-        database_url=f"postgresql://postgres@/{APP_DATABASE}?host={quote(pg_socket_dir)}",
-        redis_url=f"redis+unix://{redis_sock}",
-        pg_socket_dir=pg_socket_dir,
-        pg_port=pg_port,
-    )
+    urls = EmbeddedUrls.for_server(pg_socket_dir, pg_port, f"redis+unix://{redis_sock}")
     _ensure_app_database(urls)
     (home / _STATE_FILE).write_text(json.dumps(urls.__dict__, indent=2))
     return urls
@@ -95,7 +114,10 @@ def running_urls(home: Path) -> EmbeddedUrls | None:
     state = home / _STATE_FILE
     if not state.exists() or not all(s.pid for s in status(home)):
         return None
-    return EmbeddedUrls(**json.loads(state.read_text()))
+    saved = json.loads(state.read_text())
+    # Rebuilt from where the servers listen: a state file written before the three logins
+    # has only the owner's URL as its database_url.
+    return EmbeddedUrls.for_server(saved["pg_socket_dir"], saved["pg_port"], saved["redis_url"])
 
 
 def status(home: Path) -> list[ServerStatus]:

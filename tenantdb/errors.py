@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import peewee
+from playhouse.pool import MaxConnectionsExceeded
+
 __all__ = [
     "ClaimInTransactionError",
     "ConfigurationError",
+    "ConnectionLostError",
     "CrossOrgError",
+    "DatabaseUnavailableError",
     "IdempotencyError",
     "KeyNotClaimedError",
     "MigrationError",
     "MissingOrgError",
+    "NotConnectedError",
+    "PoolExhaustedError",
     "PurgeInTransactionError",
     "SeedError",
+    "StatementTimeoutError",
     "TenancyError",
     "TenantDBError",
     "UnknownUserError",
@@ -25,6 +33,33 @@ class TenantDBError(Exception):
 
 class ConfigurationError(TenantDBError):
     """Something tenantdb needs is not configured or not installed."""
+
+
+# -- the database boundary ----------------------------------------------------------------
+# Each wraps a driver error (kept as ``__cause__``) and stays an instance of the Peewee class
+# callers caught before tenantdb wrapped it, so existing ``except`` clauses keep working.
+
+
+class NotConnectedError(TenantDBError, peewee.InterfaceError):
+    """The database was used before :func:`tenantdb.connect` bound it."""
+
+
+class DatabaseUnavailableError(TenantDBError, peewee.OperationalError):
+    """A new connection could not be opened (server down, wrong URL, login refused)."""
+
+
+class PoolExhaustedError(TenantDBError, MaxConnectionsExceeded):  # type: ignore[misc]
+    """Every pooled connection stayed in use for the whole wait (``TENANTDB_POOL_TIMEOUT``)."""
+
+
+class StatementTimeoutError(TenantDBError, peewee.OperationalError):
+    """A statement ran longer than ``TENANTDB_STATEMENT_TIMEOUT_MS`` and was cancelled."""
+
+
+class ConnectionLostError(TenantDBError, peewee.OperationalError, peewee.InterfaceError):
+    """The connection died under a statement (server restart, terminated backend, network).
+
+    The connection is discarded; the next call gets a new one."""
 
 
 class MigrationError(TenantDBError):

@@ -87,24 +87,14 @@ class RequestScope:
 async def run_db(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
     """Run synchronous database work on a worker thread; the event loop keeps serving.
 
-    The worker runs in a copy of the caller's context (anyio copies ``contextvars``), so
-    ``cross_org`` blocks and the test plugin's admission carry over. A connection the work
-    opened is returned to the pool when it ends (unless a transaction is still open).
+    The worker runs in a copy of the caller's context (anyio copies ``contextvars``), so the
+    test plugin's admission carries over; a ``cross_org`` block does not (it holds only in
+    the frames that entered it: enter it inside ``func``). A connection is held only while
+    a statement or a transaction needs it.
     """
-    call = functools.partial(_with_connection, func, args, kwargs)
-    return await anyio.to_thread.run_sync(call)
-
-
-def _with_connection(func: Callable[..., _T], args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> _T:
-    opened_here = database.is_closed()
-    try:
-        return func(*args, **kwargs)
-    finally:
-        # Peewee's pool keeps a thread's connection until that thread closes it; a worker
-        # thread would otherwise hold one per thread of the pool.
-        if opened_here and not database.is_closed() and not database.in_transaction():
-            database.close()
+    # Statements borrow a pooled connection and return it themselves (a transaction keeps
+    # one until it ends), so the worker thread holds nothing once the work is done.
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
 
 
 # REQUEST SCOPE

@@ -36,7 +36,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from .check import Violation, table_violations
-from .db import database_url
+from .db import owner_database_url as database_url
 from .errors import ConfigurationError, MigrationError
 from .settings import get_settings
 

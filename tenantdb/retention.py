@@ -19,6 +19,7 @@ committed on its own, so it is restartable and safe to run twice at once.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -261,9 +262,11 @@ def get_retention_summary(
     queries = {policy: _select_stale(policy, windows[policy], org, when)
                for policy in RetentionPolicy}
     if not per_org:
-        counts = {policy: int(query.count()) for policy, query in queries.items()}
+        with _across(org):
+            counts = {policy: int(query.count()) for policy, query in queries.items()}
         return RetentionSummary(when, org, MappingProxyType(cutoffs), MappingProxyType(counts))
-    by_org = _counts_per_org(queries)
+    with _across(org):
+        by_org = _counts_per_org(queries)
     counts = {policy: sum(c[policy] for c in by_org.values()) for policy in RetentionPolicy}
     return RetentionSummary(when, org, MappingProxyType(cutoffs), MappingProxyType(counts),
                             MappingProxyType(by_org))
@@ -318,7 +321,8 @@ def purge(
         _check_aware(now)  # before the dry run's or the batches' first statement
     window = _setting_windows()[chosen]
     if dry_run:
-        would = int(_select_stale(chosen, window, org, now).count())
+        with _across(org):
+            would = int(_select_stale(chosen, window, org, now).count())
         return would if max_batches is None else min(would, max_batches * batch_size)
     if database.in_transaction():
         raise PurgeInTransactionError(
@@ -395,7 +399,7 @@ def _run_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | Non
     params = _batch_params(policy, cutoff, org, batch_size)
     total = batches = 0
     while max_batches is None or batches < max_batches:
-        with database.atomic():
+        with _across(org), database.atomic():  # across orgs: an admin transaction
             affected = int(_execute(sql, params, org).fetchone()[0])
         total, batches = total + affected, batches + 1
         if on_batch is not None:
@@ -418,6 +422,12 @@ def _batch_params(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | No
     values: tuple[Any, ...] = (
         (cutoff, cutoff) if policy is RetentionPolicy.IDEMPOTENCY_ENTRIES else (cutoff,))
     return (*values, *((org,) if org is not None else ()), batch_size)
+
+
+def _across(org: uuid.UUID | None) -> contextlib.AbstractContextManager[None]:
+    """``cross_org`` for work across every org (``org`` is ``None``), else nothing: whether a
+    statement runs with admin rights is decided where it runs."""
+    return cross_org(reason=SELECT_REASON) if org is None else contextlib.nullcontext()
 
 
 def _execute(sql: str, params: tuple[Any, ...], org: uuid.UUID | None) -> Any:

@@ -20,6 +20,7 @@ __all__ = ["Settings", "get_settings", "override_settings", "reset_settings"]
 
 _INT_VARS = {
     "pool_size": "TENANTDB_POOL_SIZE",
+    "admin_pool_size": "TENANTDB_ADMIN_POOL_SIZE",
     "pool_timeout_s": "TENANTDB_POOL_TIMEOUT",
     "connect_timeout_s": "TENANTDB_CONNECT_TIMEOUT",
     "statement_timeout_ms": "TENANTDB_STATEMENT_TIMEOUT_MS",
@@ -36,7 +37,12 @@ _FLOAT_VARS = {"redis_socket_timeout_s": "TENANTDB_REDIS_SOCKET_TIMEOUT"}
 class Settings:
     """Everything tenantdb reads from the environment, parsed once.
 
-    :param database_url: ``TENANTDB_DATABASE_URL``, else ``DATABASE_URL``.
+    :param database_url: ``TENANTDB_DATABASE_URL``, else ``DATABASE_URL``: the application
+        login :func:`tenantdb.connect` logs in as (row-level security binds it).
+    :param admin_database_url: ``TENANTDB_ADMIN_DATABASE_URL``: the admin login, used only
+        by ``cross_org`` work, on a pool of its own (``TENANTDB_ADMIN_POOL_SIZE``).
+    :param owner_database_url: ``TENANTDB_OWNER_DATABASE_URL``: the owner login that
+        ``tenantdb migrate`` / ``check`` / ``seed`` use.
     :param redis_url: ``TENANTDB_REDIS_URL``, else ``REDIS_URL``.
     :param test_database_url: ``TENANTDB_TEST_DATABASE_URL``: the server the pytest
         plugin creates its per-session database on (else an embedded server).
@@ -48,12 +54,15 @@ class Settings:
     """
 
     database_url: str | None = None
+    admin_database_url: str | None = None
+    owner_database_url: str | None = None
     redis_url: str | None = None
     test_database_url: str | None = None
     test_redis_url: str | None = None
     home: Path = Path(".tenantdb")
     migration_locations: tuple[Path, ...] = ()
     pool_size: int = 10
+    admin_pool_size: int = 3
     pool_timeout_s: int = 10
     connect_timeout_s: int = 5
     statement_timeout_ms: int = 30_000
@@ -74,6 +83,8 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {
             "database_url": env.get("TENANTDB_DATABASE_URL") or env.get("DATABASE_URL") or None,
+            "admin_database_url": env.get("TENANTDB_ADMIN_DATABASE_URL") or None,
+            "owner_database_url": env.get("TENANTDB_OWNER_DATABASE_URL") or None,
             "redis_url": env.get("TENANTDB_REDIS_URL") or env.get("REDIS_URL") or None,
             "test_database_url": env.get("TENANTDB_TEST_DATABASE_URL") or None,
             "test_redis_url": env.get("TENANTDB_TEST_REDIS_URL") or None,

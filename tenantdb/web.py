@@ -33,8 +33,13 @@ import peewee
 from .context import OrgLike
 from .errors import (
     ClaimInTransactionError,
+    ConnectionLostError,
     CrossOrgError,
+    DatabaseUnavailableError,
     MissingOrgError,
+    NotConnectedError,
+    PoolExhaustedError,
+    StatementTimeoutError,
     UnknownUserError,
     UnscopedQueryError,
 )
@@ -90,10 +95,6 @@ DEGRADED_HEADER = "RateLimit-Degraded"
 # The RateLimit draft's problem type for a quota refusal.
 QUOTA_EXCEEDED_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 _PROBLEM_BASE = "tag:tenantdb,2026:problem:"
-# Errors meaning "the database cannot serve now", by class name so that the pool's and the
-# connection layer's own classes match without importing them here.
-_UNAVAILABLE_NAMES = frozenset({"MaxConnectionsExceeded", "DatabaseUnavailableError",
-                                "PoolExhaustedError", "StatementTimeoutError"})
 # Version tag of the stored replay envelope (response_body of the idempotency entry).
 _ENVELOPE = "tenantdb.http/1"
 
@@ -417,12 +418,15 @@ def _sqlstate(prefix: str) -> Callable[[BaseException], bool]:
 
 
 def _database_unavailable(exc: BaseException) -> bool:
-    # peewee.OperationalError covers lost connections, refused connects and timeouts (and,
-    # once wrapped by tenantdb, its DatabaseUnavailableError subclasses it). The pool's
-    # MaxConnectionsExceeded is a ValueError subclass in playhouse.
-    return isinstance(exc, peewee.OperationalError | peewee.InterfaceError) or any(
-        cls.__name__ in _UNAVAILABLE_NAMES for cls in type(exc).__mro__)
+    # The connection layer wraps every "cannot serve now" (unreachable server, lost
+    # connection, pool exhausted, statement timeout) into these; a raw peewee
+    # OperationalError / InterfaceError can still come from code using a driver directly.
+    return isinstance(exc, _UNAVAILABLE)
 
+
+_UNAVAILABLE = (DatabaseUnavailableError, ConnectionLostError, PoolExhaustedError,
+                StatementTimeoutError, NotConnectedError, peewee.OperationalError,
+                peewee.InterfaceError)
 
 
 #: Errors → HTTP, first match wins. One source: the FastAPI adapter and the README read it.

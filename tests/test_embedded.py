@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -42,7 +43,11 @@ def exports(output: str) -> dict[str, str]:
 
 
 def assert_servers_answer(urls: dict[str, str]) -> None:
-    with psycopg2.connect(urls["TENANTDB_DATABASE_URL"]) as conn, conn.cursor() as cur:
+    # Three logins: the application's is created by `tenantdb migrate`; owner and admin are
+    # the server's superuser in development.
+    assert urlsplit(urls["TENANTDB_DATABASE_URL"]).username == "tenantdb_app"
+    assert urlsplit(urls["TENANTDB_ADMIN_DATABASE_URL"]).username == "postgres"
+    with psycopg2.connect(urls["TENANTDB_OWNER_DATABASE_URL"]) as conn, conn.cursor() as cur:
         cur.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
         assert cur.fetchone() is not None
     assert redis_client(urls["TENANTDB_REDIS_URL"]).ping() is True

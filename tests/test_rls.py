@@ -17,8 +17,6 @@ from tenantdb.models import Destination, Org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.tenancy import cross_org
 
-APP_OPTIONS = f"-c role={APP_ROLE}"
-
 
 @pytest.fixture
 def committed_twins(tenantdb_committed: TenantDatabase) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
@@ -30,7 +28,7 @@ def committed_twins(tenantdb_committed: TenantDatabase) -> Iterator[tuple[uuid.U
 
 
 def app_connection(url: str) -> psycopg2.extensions.connection:
-    conn = psycopg2.connect(url, options=APP_OPTIONS)
+    conn = psycopg2.connect(url)  # the application login itself
     conn.autocommit = True
     return conn
 
@@ -38,7 +36,7 @@ def app_connection(url: str) -> psycopg2.extensions.connection:
 def test_raw_sql_as_app_role_without_org_errors(
     committed_twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase
 ) -> None:
-    conn = app_connection(tenantdb_database.url)
+    conn = app_connection(tenantdb_database.app_url)
     try:
         with conn.cursor() as cur:
             with pytest.raises(psycopg2.Error, match=r"tenantdb\.org_id"):
@@ -56,7 +54,7 @@ def test_raw_sql_as_app_role_with_org_sees_only_that_org(
     committed_twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase
 ) -> None:
     a, b = committed_twins
-    conn = app_connection(tenantdb_database.url)
+    conn = app_connection(tenantdb_database.app_url)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT set_config('tenantdb.org_id', %s, false)", (str(a),))

@@ -31,11 +31,11 @@ def small_pool(tenantdb_committed: db.TenantDatabase,
         orgs.append(org)
     db.close()
     with override_settings(pool_size=3, pool_timeout_s=30):
-        db.connect(tenantdb_database.url)
+        db.connect(tenantdb_database.app_url)
     try:
         yield orgs
     finally:
-        db.connect(tenantdb_database.url)
+        db.connect(tenantdb_database.app_url)
 
 
 def observe(org: uuid.UUID) -> set[uuid.UUID]:
