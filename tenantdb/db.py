@@ -11,13 +11,13 @@ from urllib.parse import urlsplit
 import psycopg2
 from peewee import BaseQuery, RawQuery
 from playhouse.db_url import parse as parse_db_url
-from playhouse.postgres_ext import PooledPostgresqlExtDatabase
+from playhouse.postgres_ext import FetchManyCursor, PooledPostgresqlExtDatabase
 from psycopg2 import sql
 
 from .context import cross_org_reason
 from .errors import ConfigurationError, UnscopedQueryError
 from .settings import Settings, get_settings
-from .verifier import Verdict, mentions_tenant_table, verify
+from .verifier import Verdict, check_raw_sql, mentions_tenant_table, verify
 
 __all__ = [
     "ADMIN_ROLE",
@@ -71,23 +71,33 @@ class TenantDatabase(PooledPostgresqlExtDatabase):  # type: ignore[misc]
             self.access_guard()
         return super().cursor(*args, **kwargs)
 
-    def execute(self, query: Any, **context_options: Any) -> Any:
+    def execute(self, query: Any, named_cursor: bool = False, array_size: int | None = None,
+                **context_options: Any) -> Any:
         """Verify ``query``'s org scope, then run it with the org set for its transaction.
+
+        Whether it runs as admin is decided here, by the ``cross_org`` block in force (its
+        dynamic extent), never by the query object. ``named_cursor`` (``ServerSide(...)``)
+        streams the rows through a server-side cursor.
 
         :raises UnscopedQueryError: a tenant table without its org predicate.
         :raises CrossOrgError: several orgs in one statement.
         """
         ctx = self.get_sql_context(**context_options)
         sql, params = ctx.sql(query).query()
-        if cross_org_reason() or getattr(query, "_tenantdb_cross_org", None):
-            return self._run(sql, params, admin=True)
-        verdict = _statement_verdict(query, sql)
-        return self._run(sql, params, org=verdict.org, admin=verdict.cross)
+        if cross_org_reason() is not None:
+            result = self._run(sql, params, admin=True, named_cursor=named_cursor)
+        else:
+            verdict = _statement_verdict(query, sql)
+            result = self._run(sql, params, org=verdict.org, named_cursor=named_cursor)
+        return FetchManyCursor(result, array_size) if named_cursor else result
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
-        """Run raw SQL; SQL naming a tenant table is refused outside ``cross_org``.
+        """Run raw SQL; SQL naming a tenant table is refused outside ``cross_org``, and so is
+        SQL that could change the role or the org setting
+        (:func:`~tenantdb.verifier.check_raw_sql`).
 
-        :raises UnscopedQueryError: the text names a tenant table (use ``execute_scoped``).
+        :raises UnscopedQueryError: the text names a tenant table (use ``execute_scoped``),
+            or could change a setting.
         """
         if cross_org_reason() is not None:
             return self._run(sql, params, admin=mentions_tenant_table(sql) is not None)
@@ -97,25 +107,40 @@ class TenantDatabase(PooledPostgresqlExtDatabase):  # type: ignore[misc]
                 f"execute_sql() cannot verify raw SQL on {table}: use "
                 "execute_scoped(org_id, sql, params) or cross_org(reason)"
             )
+        check_raw_sql(sql, scoped=False)
         return self._run(sql, params)
 
     def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None) -> Any:
-        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds)."""
+        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds).
+
+        :raises UnscopedQueryError: ``sql`` could change the role or the org setting, or is
+            not a read or a write (:func:`~tenantdb.verifier.check_raw_sql`).
+        """
+        check_raw_sql(sql, scoped=True)
         return self._run(sql, params, org=org)
 
     def _run(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
-             admin: bool = False) -> Any:
+             admin: bool = False, named_cursor: bool = False) -> Any:
         state = self._state.__dict__
+        prefix: tuple[str, tuple[Any, ...]] | None = None
         if admin:
-            sql, params = ROLE_PREFIX_SQL + sql, (ADMIN_ROLE, *(params or ()))
+            prefix = ROLE_PREFIX_SQL, (ADMIN_ROLE,)
             # SET LOCAL lasts until the transaction ends: remember to take the role back.
             state["tenantdb_admin_role"] = self.in_transaction()
         elif org is not None:
-            sql, params = SCOPE_PREFIX_SQL + sql, (APP_ROLE, str(org), *(params or ()))
+            prefix = SCOPE_PREFIX_SQL, (APP_ROLE, str(org))
             state["tenantdb_admin_role"] = False
         elif state.get("tenantdb_admin_role") and not _TRANSACTION_CONTROL.match(sql):
-            sql, params = ROLE_PREFIX_SQL + sql, (APP_ROLE, *(params or ()))
+            prefix = ROLE_PREFIX_SQL, (APP_ROLE,)
             state["tenantdb_admin_role"] = False
+        if named_cursor:
+            # A server-side cursor declares one statement: the settings go first, on their
+            # own (a server-side cursor lives in a transaction, so they hold for it).
+            if prefix is not None:
+                super().execute_sql(prefix[0].rstrip("; "), prefix[1])
+            return super().execute_sql(sql, params, named_cursor=True)
+        if prefix is not None:
+            sql, params = prefix[0] + sql, (*prefix[1], *(params or ()))
         return super().execute_sql(sql, params)
 
     def _connect(self) -> Any:
