@@ -309,13 +309,18 @@ def test_thread_pool_job_after_an_open_generator_has_no_permission(twins: Twins)
     def next_job() -> str | None:
         return cross_org_reason()
 
+    def select_users() -> bool:
+        with pytest.raises(MissingOrgError):
+            User.select()
+        return True
+
     with ThreadPoolExecutor(1) as pool:
         reason, generator = pool.submit(leave_generator_open).result()
         assert reason == "test: thread generator"
         assert pool.submit(next_job).result() is None
         with cross_org(reason="test: not handed over"):
             assert pool.submit(next_job).result() is None
-            assert pool.submit(lambda: pytest.raises(MissingOrgError, User.select)).result()
+            assert pool.submit(select_users).result()
     generator.close()
 
 
@@ -612,7 +617,7 @@ def test_delete_org_purges_children_first_and_counts(twins: Twins) -> None:
 def test_delete_org_is_restartable_after_a_failure(committed_twins: Twins,
                                                    tenantdb_committed: TenantDatabase,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import tenantdb.orgs as orgs
+    from tenantdb import orgs
 
     real = orgs._delete_rows
     done: list[str] = []
