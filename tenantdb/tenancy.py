@@ -184,7 +184,9 @@ class TenantSelect(_ModelSelect):
         process_row = getattr(wrapper, "process_row", None)
         if process_row is None or self._tenantdb_scope is None:
             return wrapper
-        wrapper.process_row = _RowLoader(process_row, self._tenantdb_scope)
+        # Only a wrapper that attaches joined rows can assign None to a relation.
+        joins = isinstance(wrapper, peewee.ModelCursorWrapper)
+        wrapper.process_row = _RowLoader(process_row, self._tenantdb_scope, joins)
         return wrapper
 
 
@@ -228,26 +230,29 @@ class _RowLoader:
     """Wraps a cursor wrapper's ``process_row``: stamps each loaded row (and the rows joined
     to it) with the org of the query that read it."""
 
-    __slots__ = ("org", "process_row")
+    __slots__ = ("joins", "org", "process_row")
 
-    def __init__(self, process_row: Any, org: uuid.UUID) -> None:
+    def __init__(self, process_row: Any, org: uuid.UUID, joins: bool) -> None:
         self.process_row = process_row
         self.org = org
+        self.joins = joins
 
     def __call__(self, row: Any) -> Any:
-        token = _loading.set(True)
-        try:
+        if self.joins:
+            token = _loading.set(True)
+            try:
+                obj = self.process_row(row)
+            finally:
+                _loading.reset(token)
+        else:
             obj = self.process_row(row)
-        finally:
-            _loading.reset(token)
         if isinstance(obj, TenantModel):
             _stamp(obj, self.org)
         return obj
 
 
 def _stamp(obj: Any, org: uuid.UUID) -> None:
-    obj.__dict__.setdefault("_tenantdb_row_org", org)
-    if obj.__dict__["_tenantdb_row_org"] is None:
+    if obj.__dict__.get("_tenantdb_row_org") is None:
         obj.__dict__["_tenantdb_row_org"] = org
     for related in obj.__rel__.values():
         if isinstance(related, TenantModel):
