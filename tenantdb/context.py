@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any, TypeVar, cast
 
 from .errors import MissingOrgError
 
 __all__ = ["OrgLike", "cross_org", "cross_org_reason", "parse_uuid", "require_org"]
 
 OrgLike = uuid.UUID | str
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 log = logging.getLogger("tenantdb.tenancy")
 
@@ -120,6 +124,18 @@ class cross_org:  # noqa: N801 - used as a function: ``with cross_org(reason=...
             # is dead anyway.
             with contextlib.suppress(ValueError):
                 _current.reset(token)
+
+
+    def __call__(self, func: _F) -> _F:
+        """Use as a decorator: each call of ``func`` runs in a block of its own."""
+        reason = self.reason
+
+        @functools.wraps(func)
+        def granted(*args: Any, **kwargs: Any) -> Any:
+            with cross_org(reason):
+                return func(*args, **kwargs)
+
+        return cast(_F, granted)
 
 
 def cross_org_reason() -> str | None:

@@ -233,6 +233,7 @@ def _statement_verdict(query: Any, sql: str) -> Verdict:
     """What ``query`` touches and the org it is pinned to, or refuse."""
     trusted = getattr(query, "_tenantdb_org", None)
     if isinstance(query, RawQuery) and trusted is not None:
+        check_raw_sql(sql, scoped=True)  # it must not set the org (or the role) itself
         return Verdict(True, trusted)  # Model.raw(org_id=...): row-level security holds it
     if isinstance(query, BaseQuery):
         return verify(query)

@@ -246,7 +246,7 @@ class _RowLoader:
                 _loading.reset(token)
         else:
             obj = self.process_row(row)
-        if isinstance(obj, TenantModel):
+        if isinstance(obj, (TenantModel, TenantRootModel)):
             _stamp(obj, self.org)
         return obj
 
@@ -255,7 +255,7 @@ def _stamp(obj: Any, org: uuid.UUID) -> None:
     if obj.__dict__.get("_tenantdb_row_org") is None:
         obj.__dict__["_tenantdb_row_org"] = org
     for related in obj.__rel__.values():
-        if isinstance(related, TenantModel):
+        if isinstance(related, (TenantModel, TenantRootModel)):
             _stamp(related, org)
 
 
@@ -295,6 +295,18 @@ class TenantRootModel(BaseModel):
         scoped: TenantSelect = _mark(query.where(term), _tenantdb_scope=org,
                                      _tenantdb_scope_term=term)
         return scoped
+
+    def save(self, force_insert: bool = False, only: Any = None) -> int:
+        """Peewee's ``save``, refused when a row read as one org now names another.
+
+        :raises CrossOrgError: the row's ``id`` was changed after it was read.
+        """
+        known = self.__dict__.get("_tenantdb_row_org")
+        current = self.__data__.get(_id_field(type(self)).name)
+        if known is not None and not _same_org(known, current):
+            raise CrossOrgError(f"{type(self).__name__} {known} cannot be saved as {current}: "
+                                "an org's id never changes")
+        return int(super().save(force_insert=force_insert, only=only))
 
 
 class TenantModel(BaseModel, metaclass=_TenantModelBase):

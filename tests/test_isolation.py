@@ -9,6 +9,7 @@ no Python layer in between (`app_login`): the database wall alone must stop them
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,13 @@ def test_execute_scoped_refuses_setting_changes(twins: Twins, statement: str) ->
         execute_scoped(twins.a, statement, (str(twins.b),) if "%s" in statement else ())
 
 
+def test_model_raw_cannot_set_the_org_itself(twins: Twins) -> None:
+    forged = ("SELECT set_config('tenantdb.org_id', %s, true); "
+              "SELECT * FROM destination")
+    with pytest.raises(UnscopedQueryError):
+        list(Destination.raw(forged, str(twins.b), org_id=twins.a))
+
+
 @pytest.mark.parametrize("statement", [
     "SET ROLE tenantdb_admin",
     "SELECT set_config('role', 'tenantdb_admin', false)",
@@ -219,6 +227,23 @@ def test_app_login_cannot_take_a_bypassing_role(app_login: Any, statement: str) 
         app_login.execute(statement)
     app_login.execute("SELECT current_user, session_user")
     assert app_login.fetchone() == (APP_ROLE, APP_ROLE)
+
+
+def test_app_login_savepoint_and_copy_stay_in_the_org(committed_twins: Twins,
+                                                       app_login: Any) -> None:
+    app_login.execute("BEGIN")
+    app_login.execute("SELECT set_config('tenantdb.org_id', %s, true)",
+                      (str(committed_twins.a),))
+    app_login.execute("SAVEPOINT s1")
+    with pytest.raises(psycopg2.Error):
+        app_login.execute("SELECT set_config('role', 'tenantdb_admin', true)")
+    app_login.execute("ROLLBACK TO SAVEPOINT s1")
+    app_login.execute("SELECT current_user")
+    assert app_login.fetchone() == (APP_ROLE,)
+    copied = io.StringIO()
+    app_login.copy_expert("COPY (SELECT org_id FROM destination) TO STDOUT", copied)
+    assert {uuid.UUID(line) for line in copied.getvalue().split()} == {committed_twins.a}
+    app_login.execute("ROLLBACK")
 
 
 def test_app_login_reset_role_goes_nowhere(committed_twins: Twins, app_login: Any) -> None:
@@ -645,3 +670,20 @@ def test_delete_org_refuses_bad_input_before_sql(tenantdb_database: TestDatabase
         delete_org("", reason="x")
     with pytest.raises(ValueError, match="batch_size"):
         delete_org(uuid.uuid4(), reason="x", batch_size=0)
+
+
+def test_org_row_read_as_one_org_cannot_be_saved_as_another(twins: Twins) -> None:
+    org = Org.select(org_id=twins.a).get()
+    update_model_from_dict(org, {"id": str(twins.b), "name": "hijacked"})
+    with pytest.raises(CrossOrgError):
+        org.save()
+    assert Org.get_by_id(twins.b).name == "Twin B"
+
+
+def test_cross_org_as_a_decorator_grants_each_call(twins: Twins) -> None:
+    @cross_org(reason="test: decorated")
+    def count_all() -> int:
+        return int(Destination.select().count())
+
+    assert count_all() == 2
+    assert cross_org_reason() is None
