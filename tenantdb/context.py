@@ -91,7 +91,10 @@ class cross_org:  # noqa: N801 - used as a function: ``with cross_org(reason=...
     not reach the consumer of a generator suspended inside the block, a thread-pool job or
     ``asyncio.to_thread`` call (even one that copied the context), an asyncio task created
     inside the block, or anything that runs after the block exited. A job that needs it
-    enters its own ``cross_org(reason)`` block: each grant is explicit and logged.
+    enters its own ``cross_org(reason)`` block (or is decorated with ``@cross_org(reason)``):
+    each grant is explicit and logged. For the same reason a ``@contextmanager`` that yields
+    inside ``cross_org`` grants nothing to its ``with`` body: return ``cross_org(reason)``
+    from a helper instead (``ExitStack.enter_context`` works).
 
     :raises ValueError: an empty reason.
     """
@@ -110,8 +113,12 @@ class cross_org:  # noqa: N801 - used as a function: ``with cross_org(reason=...
         if self._grant is not None:
             raise RuntimeError("a cross_org() object is entered once: write a new block")
         log.info("cross_org entered: %s", self.reason)
-        self._grant = _Grant(self.reason, sys._getframe(1), threading.get_ident(),
-                             _current.get())
+        frame = sys._getframe(1)
+        # ExitStack.enter_context(cross_org(...)) enters from contextlib's frame: the block
+        # is its caller's.
+        while frame.f_code.co_filename == contextlib.__file__ and frame.f_back is not None:
+            frame = frame.f_back
+        self._grant = _Grant(self.reason, frame, threading.get_ident(), _current.get())
         self._token = _current.set(self._grant)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -9,6 +9,7 @@ no Python layer in between (`app_login`): the database wall alone must stop them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import uuid
 from collections.abc import Iterator
@@ -687,3 +688,20 @@ def test_cross_org_as_a_decorator_grants_each_call(twins: Twins) -> None:
 
     assert count_all() == 2
     assert cross_org_reason() is None
+
+
+def test_exit_stack_enters_the_block_for_its_caller() -> None:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cross_org(reason="test: exit stack"))
+        assert cross_org_reason() == "test: exit stack"
+    assert cross_org_reason() is None
+
+
+def test_contextmanager_yielding_inside_the_block_grants_nothing() -> None:
+    @contextlib.contextmanager
+    def admin() -> Iterator[None]:
+        with cross_org(reason="test: yielded"):
+            yield
+
+    with admin():
+        assert cross_org_reason() is None
