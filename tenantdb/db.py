@@ -84,11 +84,12 @@ class TenantDatabase(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         """
         ctx = self.get_sql_context(**context_options)
         sql, params = ctx.sql(query).query()
+        run = self._run_server_side if named_cursor else self._run
         if cross_org_reason() is not None:
-            result = self._run(sql, params, admin=True, named_cursor=named_cursor)
+            result = run(sql, params, admin=True)
         else:
             verdict = _statement_verdict(query, sql)
-            result = self._run(sql, params, org=verdict.org, named_cursor=named_cursor)
+            result = run(sql, params, org=verdict.org)
         return FetchManyCursor(result, array_size) if named_cursor else result
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
@@ -120,28 +121,27 @@ class TenantDatabase(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         return self._run(sql, params, org=org)
 
     def _run(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
-             admin: bool = False, named_cursor: bool = False) -> Any:
+             admin: bool = False) -> Any:
         state = self._state.__dict__
-        prefix: tuple[str, tuple[Any, ...]] | None = None
         if admin:
-            prefix = ROLE_PREFIX_SQL, (ADMIN_ROLE,)
+            sql, params = ROLE_PREFIX_SQL + sql, (ADMIN_ROLE, *(params or ()))
             # SET LOCAL lasts until the transaction ends: remember to take the role back.
             state["tenantdb_admin_role"] = self.in_transaction()
         elif org is not None:
-            prefix = SCOPE_PREFIX_SQL, (APP_ROLE, str(org))
+            sql, params = SCOPE_PREFIX_SQL + sql, (APP_ROLE, str(org), *(params or ()))
             state["tenantdb_admin_role"] = False
         elif state.get("tenantdb_admin_role") and not _TRANSACTION_CONTROL.match(sql):
-            prefix = ROLE_PREFIX_SQL, (APP_ROLE,)
+            sql, params = ROLE_PREFIX_SQL + sql, (APP_ROLE, *(params or ()))
             state["tenantdb_admin_role"] = False
-        if named_cursor:
-            # A server-side cursor declares one statement: the settings go first, on their
-            # own (a server-side cursor lives in a transaction, so they hold for it).
-            if prefix is not None:
-                super().execute_sql(prefix[0].rstrip("; "), prefix[1])
-            return super().execute_sql(sql, params, named_cursor=True)
-        if prefix is not None:
-            sql, params = prefix[0] + sql, (*prefix[1], *(params or ()))
         return super().execute_sql(sql, params)
+
+    def _run_server_side(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
+                         admin: bool = False) -> Any:
+        """``_run`` through a server-side cursor (``ServerSide(...)``). A named cursor
+        declares one statement, so the settings go first, on their own: a server-side
+        cursor lives in a transaction, and they hold for it."""
+        self._run("SELECT 1", (), org=org, admin=admin)
+        return PooledPostgresqlExtDatabase.execute_sql(self, sql, params, named_cursor=True)
 
     def _connect(self) -> Any:
         try:
