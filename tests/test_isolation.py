@@ -20,11 +20,14 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
+from conftest import admin_execute
 from peewee import JOIN, SQL, Entity, Function, Value, fn
 from playhouse.postgres_ext import ServerSide
 from playhouse.shortcuts import update_model_from_dict
 from tenancy_fixtures import IDS, Twins, make_twins
 
+from tenantdb import migrate
+from tenantdb.check import check_schema
 from tenantdb.context import cross_org, cross_org_reason
 from tenantdb.db import APP_ROLE, TenantDatabase
 from tenantdb.errors import CrossOrgError, MissingOrgError, UnscopedQueryError
@@ -705,3 +708,42 @@ def test_contextmanager_yielding_inside_the_block_grants_nothing() -> None:
 
     with admin():
         assert cross_org_reason() is None
+
+
+# -- tenantdb check: the application login cannot reach a bypassing role ------------------
+
+
+def test_check_finds_every_way_the_app_login_could_reach_a_bypassing_role(
+        empty_database_url: str) -> None:
+    migrate.migrate(empty_database_url)
+    name = urlsplit(empty_database_url).path[1:]
+    suffix = uuid.uuid4().hex[:8]
+    mid, bypass = f"tdb_mid_{suffix}", f"tdb_bypass_{suffix}"
+    admin_execute(empty_database_url, f"""
+        CREATE ROLE {mid} NOLOGIN; GRANT tenantdb_admin TO {mid}; GRANT {mid} TO {APP_ROLE};
+        CREATE ROLE {bypass} NOLOGIN BYPASSRLS; GRANT {bypass} TO {APP_ROLE};
+        CREATE TABLE app_owned (id int); ALTER TABLE app_owned OWNER TO {mid};
+        ALTER ROLE {APP_ROLE} IN DATABASE {name} SET role = 'tenantdb_admin';
+    """)
+    try:
+        problems = {str(v) for v in check_schema(empty_database_url)}
+    finally:
+        # Roles belong to the whole cluster: put the wall back for every other test.
+        admin_execute(empty_database_url, f"""
+            ALTER ROLE {APP_ROLE} IN DATABASE {name} RESET role;
+            DROP TABLE app_owned; REVOKE {mid} FROM {APP_ROLE};
+            REVOKE {bypass} FROM {APP_ROLE}; DROP ROLE {mid}; DROP ROLE {bypass};
+        """)
+    assert any(p.startswith(f"{APP_ROLE}: is a member of tenantdb_admin") for p in problems)
+    assert any(p.startswith(f"{APP_ROLE}: is a member of {bypass} (BYPASSRLS)")
+               for p in problems)
+    assert any(p.startswith("app_owned: owned by") for p in problems)
+    assert any("default role=tenantdb_admin" in p for p in problems)
+    assert check_schema(empty_database_url) == []
+
+
+def test_check_flags_an_unprotected_org_table(empty_database_url: str) -> None:
+    migrate.migrate(empty_database_url)
+    admin_execute(empty_database_url, "ALTER TABLE org NO FORCE ROW LEVEL SECURITY")
+    problems = {str(v) for v in check_schema(empty_database_url)}
+    assert "org: row-level security is not forced (the owner bypasses it)" in problems
