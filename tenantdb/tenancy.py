@@ -557,9 +557,10 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         instances = list(model_list)
         if not instances:
             return 0
-        org = require_org(org_id if org_id is not None else instances[0].org_id,
+        orgs = [inst._write_org("bulk_update()") for inst in instances]
+        org = require_org(org_id if org_id is not None else orgs[0],
                           f"{cls.__name__}.bulk_update()")
-        if any(not _same_org(inst.org_id, org) for inst in instances):
+        if any(not _same_org(row_org, org) for row_org in orgs):
             raise CrossOrgError(f"{cls.__name__}.bulk_update() writes one org ({org})")
         targets = [cls._meta.fields[f] if isinstance(f, str) else f for f in fields]
         if any(f.name in (ORG_COLUMN, "id") for f in targets):

@@ -747,3 +747,13 @@ def test_check_flags_an_unprotected_org_table(empty_database_url: str) -> None:
     admin_execute(empty_database_url, "ALTER TABLE org NO FORCE ROW LEVEL SECURITY")
     problems = {str(v) for v in check_schema(empty_database_url)}
     assert "org: row-level security is not forced (the owner bypasses it)" in problems
+
+
+def test_bulk_update_of_partial_rows_writes_their_own_org(twins: Twins) -> None:
+    rows = list(Destination.select(Destination.id, Destination.name, org_id=twins.a))
+    for row in rows:
+        row.name = "Bulk"
+    assert Destination.bulk_update(rows, fields=[Destination.name]) == 1
+    with pytest.raises(CrossOrgError):
+        Destination.bulk_update(rows, fields=[Destination.name], org_id=twins.b)
+    assert b_destination(twins) == "Lisbon"
