@@ -12,6 +12,7 @@ verifier (:mod:`tenantdb.verifier`) and then row-level security in the database.
 from __future__ import annotations
 
 import contextvars
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -184,6 +185,13 @@ class TenantSelect(_ModelSelect):
         process_row = getattr(wrapper, "process_row", None)
         if process_row is None or self._tenantdb_scope is None:
             return wrapper
+        model = getattr(wrapper, "constructor", None)
+        if (type(wrapper) is peewee.ModelObjectCursorWrapper and isinstance(model, type)
+                and issubclass(model, TenantModel)):
+            # The common case, one model per row: the org rides in with the constructor's
+            # arguments (cheaper than wrapping every row).
+            wrapper.constructor = functools.partial(model, __tenantdb_org__=self._tenantdb_scope)
+            return wrapper
         # Only a wrapper that attaches joined rows can assign None to a relation.
         joins = isinstance(wrapper, peewee.ModelCursorWrapper)
         wrapper.process_row = _RowLoader(process_row, self._tenantdb_scope, joins)
@@ -329,10 +337,14 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
     __rel__: dict[str, Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Peewee builds rows read from the database with __no_default__.
+        # Peewee builds rows read from the database with __no_default__; a scoped query
+        # adds the org it read them from.
         loaded = bool(kwargs.get("__no_default__"))
+        org = kwargs.pop("__tenantdb_org__", None)
         super().__init__(*args, **kwargs)
         self.__dict__["_tenantdb_persisted"] = loaded
+        if org is not None and self.__dict__.get("_tenantdb_row_org") is None:
+            self.__dict__["_tenantdb_row_org"] = org
 
     # -- reads --
 
