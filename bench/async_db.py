@@ -37,7 +37,8 @@ from playhouse.pwasyncio import AsyncPostgresqlDatabase
 
 from tenantdb import db, migrate
 from tenantdb.fastapi import run_db
-from tenantdb.models import Destination, Org
+from tenantdb.models import Destination
+from tenantdb.orgs import create_org
 from tenantdb.settings import override_settings
 
 ROWS = 200
@@ -55,7 +56,7 @@ class PlainDestination(peewee.Model):
 
 
 def seed() -> tuple[uuid.UUID, list[uuid.UUID]]:
-    org = Org.create(name="bench", slug=f"bench-{uuid.uuid4().hex[:8]}").id
+    org = create_org("bench", f"bench-{uuid.uuid4().hex[:8]}").id
     ids = [Destination.create(org_id=org, name=f"d{n}").id for n in range(ROWS)]
     return org, ids
 

@@ -38,7 +38,8 @@ from tenantdb.idempotency import (
     mark_completed,
     mark_error,
 )
-from tenantdb.models import Org, User
+from tenantdb.models import User
+from tenantdb.orgs import create_org, delete_org
 from tenantdb.settings import get_settings
 from tenantdb.tenancy import execute_scoped
 
@@ -90,13 +91,13 @@ def database_url() -> Iterator[str]:
 
 @contextlib.contextmanager
 def bench_owner() -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
-    """A fresh org and user, deleted (with their keys, by cascade) afterwards."""
-    org = Org.create(name="bench", slug=f"bench-{uuid.uuid4().hex[:12]}")
+    """A fresh org and user, deleted (with their keys) afterwards."""
+    org = create_org("bench", f"bench-{uuid.uuid4().hex[:12]}")
     user = User.create(org_id=org.id, email="bench@example.com")
     try:
         yield org.id, user.id
     finally:
-        Org.delete().where(Org.id == org.id).execute()
+        delete_org(org.id, reason="benchmark cleanup")
 
 
 def count_round_trips(org: uuid.UUID, user: uuid.UUID) -> dict[str, tuple[int, int]]:

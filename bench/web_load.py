@@ -42,7 +42,8 @@ import httpx
 
 from tenantdb import db, embedded, migrate
 from tenantdb.db import execute_once
-from tenantdb.models import Destination, Org, User
+from tenantdb.models import Destination, User
+from tenantdb.orgs import create_org
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = {
@@ -76,7 +77,7 @@ def servers() -> Iterator[tuple[str, str]]:
 
 def seed(url: str) -> dict[str, str]:
     db.connect(url)
-    org = Org.create(name="Load", slug=f"load-{uuid.uuid4().hex[:8]}").id
+    org = create_org("Load", f"load-{uuid.uuid4().hex[:8]}").id
     user = User.create(org_id=org, email="load@example.com").id
     for n in range(100):
         Destination.create(org_id=org, name=f"Destination {n}")

@@ -19,6 +19,7 @@ from .errors import (
     UnknownUserError,
     UnscopedQueryError,
 )
+from .orgs import create_org, delete_org
 from .repository import TenantRepository, scoped_count, scoped_get, scoped_list, scoped_query
 from .settings import Settings, get_settings
 from .tenancy import TenantForeignKey, TenantModel, execute_scoped, prefetch
@@ -44,8 +45,10 @@ __all__ = [
     "__version__",
     "close",
     "connect",
+    "create_org",
     "cross_org",
     "database",
+    "delete_org",
     "execute_scoped",
     "get_settings",
     "prefetch",

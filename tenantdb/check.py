@@ -2,12 +2,15 @@
 
 Every tenant table (a table with an ``org_id`` column) must have ``org_id NOT NULL``, a
 primary key and unique keys that include ``org_id``, composite foreign keys to other tenant
-tables, row-level security enabled and forced with a policy for the application role, and
-that role's grants; a table without ``org_id`` may not reference a tenant table. The
-application role must be neither superuser nor ``BYPASSRLS``, and must not inherit the
-bypass role's rights. An unmigrated (or partly migrated) database is a violation too: each
-missing table and each pending migration is named. Application tables are covered like the
-package's: every table of the schema is checked.
+tables, row-level security enabled and forced (``org`` too) with a policy for the
+application role, and that role's grants; a table without ``org_id`` may not reference a
+tenant table. An unmigrated (or partly migrated) database is a violation too: each missing
+table and each pending migration is named. Application tables are covered like the
+package's: every table of the schema is checked. The application login must not be able to
+reach a role that bypasses row-level security: it is neither superuser nor ``BYPASSRLS``,
+is a member (directly or through other roles) of no superuser, ``BYPASSRLS`` or admin role
+(``SET ROLE`` would reach it), owns no table, can log in as itself, and has no default
+``role`` setting (``RESET ROLE`` returns to the session's default: it must be itself).
 """
 
 from __future__ import annotations
@@ -85,9 +88,45 @@ EXISTING_TABLES_SQL = """
     SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
 """
-ROLE_SQL = "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s"
-# USAGE: whether the role *has the rights* of the other (membership with inheritance).
-INHERITS_SQL = "SELECT pg_has_role(%s, %s, 'USAGE')"
+ROLE_SQL = "SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = %s"
+# Every role the application role belongs to, through any chain of grants, inheritable or
+# not: SET ROLE can take any of them.
+REACHABLE_ROLES_SQL = """
+    WITH RECURSIVE reach(oid) AS (
+        SELECT oid FROM pg_roles WHERE rolname = %s
+        UNION
+        SELECT m.roleid FROM pg_auth_members m JOIN reach r ON m.member = r.oid
+    )
+    SELECT ro.rolname, ro.rolsuper, ro.rolbypassrls
+    FROM reach JOIN pg_roles ro ON ro.oid = reach.oid
+    WHERE ro.rolname <> %s
+    ORDER BY ro.rolname
+"""
+# Tables of the schema owned by the application role or a role it belongs to.
+OWNED_TABLES_SQL = """
+    WITH RECURSIVE reach(oid) AS (
+        SELECT oid FROM pg_roles WHERE rolname = %s
+        UNION
+        SELECT m.roleid FROM pg_auth_members m JOIN reach r ON m.member = r.oid
+    )
+    SELECT c.relname, pg_get_userbyid(c.relowner)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+      AND c.relowner IN (SELECT oid FROM reach)
+    ORDER BY c.relname
+"""
+# Per-role (or per-role-and-database) defaults: a default role would be where RESET ROLE
+# goes, and a default session_authorization is no better.
+ROLE_DEFAULTS_SQL = """
+    SELECT unnest(s.setconfig)
+    FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+    WHERE r.rolname = %s
+"""
+ROOT_RLS_SQL = """
+    SELECT c.relrowsecurity, c.relforcerowsecurity FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relname = 'org'
+"""
 
 
 @dataclass(frozen=True)
@@ -199,12 +238,37 @@ def _role_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
     if row is None:
         yield Violation(APP_ROLE, "role does not exist (run tenantdb migrate)")
         return
-    superuser, bypass = row
+    superuser, bypass, can_login = row
     if superuser:
         yield Violation(APP_ROLE, "is a superuser: row-level security does not bind it")
     if bypass:
         yield Violation(APP_ROLE, "has BYPASSRLS: row-level security does not bind it")
-    cur.execute(INHERITS_SQL, (APP_ROLE, ADMIN_ROLE))
-    inherits = cur.fetchone()
-    if inherits and inherits[0]:
-        yield Violation(APP_ROLE, f"inherits {ADMIN_ROLE}, so its bypass policy always applies")
+    if not can_login:
+        yield Violation(APP_ROLE, "cannot log in: the application must log in as itself, "
+                                  "or RESET ROLE returns to a more privileged login")
+    cur.execute(REACHABLE_ROLES_SQL, (APP_ROLE, APP_ROLE))
+    for name, role_super, role_bypass in cur.fetchall():
+        if role_super or role_bypass or name == ADMIN_ROLE:
+            what = "superuser" if role_super else "BYPASSRLS" if role_bypass else "admin"
+            yield Violation(APP_ROLE, f"is a member of {name} ({what}): SET ROLE {name} "
+                                      f"switches the wall off; REVOKE {name} FROM {APP_ROLE}")
+    cur.execute(OWNED_TABLES_SQL, (APP_ROLE,))
+    for table, owner in cur.fetchall():
+        yield Violation(f"{table}", f"owned by {owner}, which {APP_ROLE} can act as: owners "
+                                    "can disable row-level security")
+    cur.execute(ROLE_DEFAULTS_SQL, (APP_ROLE,))
+    for (setting,) in cur.fetchall():
+        if str(setting).split("=", 1)[0].lower() in ("role", "session_authorization"):
+            yield Violation(APP_ROLE, f"has the default {setting}: RESET ROLE would go there")
+    yield from _root_violations(cur)
+
+
+def _root_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
+    cur.execute(ROOT_RLS_SQL)
+    row = cur.fetchone()
+    if row is None:
+        return
+    if not row[0]:
+        yield Violation("org", "row-level security is not enabled (every org is visible)")
+    elif not row[1]:
+        yield Violation("org", "row-level security is not forced (the owner bypasses it)")

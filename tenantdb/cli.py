@@ -318,7 +318,8 @@ def _retention(args: argparse.Namespace) -> int:
     if args.batch_size < 1:  # refused before connecting, not after the summary
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     connect()
-    summary = get_retention_summary(org_id=args.org)
+    # Without --org the command is explicitly about every org.
+    summary = get_retention_summary(org_id=args.org, all_orgs=args.org is None)
     scope = f"org {summary.org_id}" if summary.org_id else "every org"
     print(f"retention as of {summary.now.isoformat(' ', 'seconds')} ({scope})")
     print(f"{'policy':<22} {'stale before':<25} {'rows':>10}")
@@ -338,7 +339,7 @@ def _retention(args: argparse.Namespace) -> int:
                   flush=True)
 
         purged = purge(policy, args.batch_size, org_id=summary.org_id, now=summary.now,
-                       on_batch=progress)
+                       on_batch=progress, all_orgs=summary.org_id is None)
         print(file=sys.stderr)
         print(f"purged {policy.value}: {purged}")
     return 0

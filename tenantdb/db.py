@@ -29,7 +29,11 @@ import psycopg2.extensions
 from peewee import BaseQuery, RawQuery, SelectBase
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PoolConnection
-from playhouse.postgres_ext import PooledPostgresqlExtDatabase, PostgresqlExtDatabase
+from playhouse.postgres_ext import (
+    FetchManyCursor,
+    PooledPostgresqlExtDatabase,
+    PostgresqlExtDatabase,
+)
 from psycopg2 import sql
 
 from .context import cross_org_reason
@@ -44,7 +48,7 @@ from .errors import (
     UnscopedQueryError,
 )
 from .settings import Settings, get_settings
-from .verifier import Verdict, mentions_tenant_table, verify
+from .verifier import Verdict, check_raw_sql, mentions_tenant_table, verify
 
 __all__ = [
     "ADMIN_ROLE",
@@ -486,26 +490,36 @@ class TenantDatabase(LoginPool):
 
     # -- statements ------------------------------------------------------------------------
 
-    def execute(self, query: Any, named_cursor: bool = False, array_size: Any = None,
+    def execute(self, query: Any, named_cursor: bool = False, array_size: int | None = None,
                 **context_options: Any) -> Any:
         """Verify ``query``'s org scope, then run it with the org set for its transaction.
+
+        Whether it runs as admin is decided here, by the ``cross_org`` block in force (its
+        dynamic extent), never by the query object. ``named_cursor`` (``ServerSide(...)``)
+        streams the rows through a server-side cursor.
 
         :raises UnscopedQueryError: a tenant table without its org predicate.
         :raises CrossOrgError: several orgs in one statement.
         """
         ctx = self.get_sql_context(**context_options)
         sql, params = ctx.sql(query).query()
-        # Only a read is sent twice after a lost connection: a write may have committed.
-        retry = isinstance(query, SelectBase)
         if cross_org_reason() is not None:
-            return self._run(sql, params, admin=True, retry=retry)
-        verdict = _statement_verdict(query, sql)
-        return self._run(sql, params, org=verdict.org, retry=retry)
+            admin, org = True, None
+        else:
+            admin, org = False, _statement_verdict(query, sql).org
+        if named_cursor:
+            cursor = self._run_server_side(sql, params, org=org, admin=admin)
+            return FetchManyCursor(cursor, array_size)
+        # Only a read is sent twice after a lost connection: a write may have committed.
+        return self._run(sql, params, org=org, admin=admin, retry=isinstance(query, SelectBase))
 
     def execute_sql(self, sql: str, params: Any = None, named_cursor: Any = None) -> Any:
-        """Run raw SQL; SQL naming a tenant table is refused outside ``cross_org``.
+        """Run raw SQL; SQL naming a tenant table is refused outside ``cross_org``, and so is
+        SQL that could change the role or the org setting
+        (:func:`~tenantdb.verifier.check_raw_sql`).
 
-        :raises UnscopedQueryError: the text names a tenant table (use ``execute_scoped``).
+        :raises UnscopedQueryError: the text names a tenant table (use ``execute_scoped``),
+            or could change a setting.
         """
         if cross_org_reason() is not None:
             return self._run(sql, params, admin=True)
@@ -515,10 +529,16 @@ class TenantDatabase(LoginPool):
                 f"execute_sql() cannot verify raw SQL on {table}: use "
                 "execute_scoped(org_id, sql, params) or cross_org(reason)"
             )
+        check_raw_sql(sql, scoped=False)
         return self._run(sql, params)
 
     def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None) -> Any:
-        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds)."""
+        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds).
+
+        :raises UnscopedQueryError: ``sql`` could change the role or the org setting, or is
+            not a read or a write (:func:`~tenantdb.verifier.check_raw_sql`).
+        """
+        check_raw_sql(sql, scoped=True)
         return self._run(sql, params, org=org, admin=cross_org_reason() is not None)
 
     def _run(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
@@ -540,6 +560,15 @@ class TenantDatabase(LoginPool):
         if org is not None:
             sql, params = ORG_PREFIX_SQL + sql, (str(org), *(params or ()))
         return self._statement(sql, params, retry=retry)
+
+    def _run_server_side(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
+                         admin: bool = False) -> Any:
+        """``_run`` through a server-side cursor (``ServerSide(...)``, inside a transaction).
+        A named cursor declares one statement, so the settings go first, on their own: a
+        server-side cursor lives in a transaction, and they hold for it."""
+        self._run("SELECT 1", (), org=org, admin=admin)
+        side = self._side() if admin else self
+        return side._statement(sql, params, named_cursor=True)
 
     # -- transactions and connections, routed to the pool of the context -------------------
     # Peewee's atomic() asks these while entering and leaving its block, so a transaction
@@ -812,6 +841,7 @@ def _statement_verdict(query: Any, sql: str) -> Verdict:
     """What ``query`` touches and the org it is pinned to, or refuse."""
     trusted = getattr(query, "_tenantdb_org", None)
     if isinstance(query, RawQuery) and trusted is not None:
+        check_raw_sql(sql, scoped=True)  # it must not set the org (or the role) itself
         return Verdict(True, trusted)  # Model.raw(org_id=...): row-level security holds it
     if isinstance(query, BaseQuery):
         return verify(query)

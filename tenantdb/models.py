@@ -16,7 +16,8 @@ from peewee import BooleanField, CompositeKey, DateField, IntegerField, TextFiel
 from pgvector.peewee import VectorField
 from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField
 
-from .tenancy import BaseModel, TenantForeignKey, TenantModel
+from .tenancy import BaseModel, TenantForeignKey, TenantModel, TenantRootModel
+from .verifier import register_tenant_table
 
 __all__ = [
     "ALL_MODELS",
@@ -53,14 +54,22 @@ class _Timestamped:
         return super().save(force_insert=force_insert, only=only)  # type: ignore[misc,no-any-return]
 
 
-class Org(_Timestamped, BaseModel):
-    """The tenant root: every tenant row belongs to one org."""
+class Org(_Timestamped, TenantRootModel):
+    """The tenant root: every tenant row belongs to one org.
+
+    ``Org.select(org_id=A)`` (or any query pinning ``Org.id``) reads org A only; create and
+    delete orgs with :func:`tenantdb.orgs.create_org` / :func:`tenantdb.orgs.delete_org`.
+    """
 
     id = UUIDField(primary_key=True, default=uuid.uuid4)
     name = TextField()
     slug = TextField(unique=True)
     created_at = DateTimeTZField(default=utcnow)
     updated_at = DateTimeTZField(default=utcnow)
+
+
+# The org's own column of the root is its id: the verifier pins org rows by it.
+register_tenant_table(Org._meta.table_name, "id")
 
 
 class TenantRowModel(_Timestamped, TenantModel):

@@ -10,7 +10,11 @@ Four policies, each a window from :class:`~tenantdb.settings.Settings`:
   whose lease is still live.
 
 The selectors return unexecuted Peewee queries, for one org (``org_id=``) or across every
-org (built inside :func:`~tenantdb.context.cross_org`, whose permission the query keeps).
+org, which a call says explicitly (``all_orgs=True``, or called inside
+:func:`~tenantdb.context.cross_org`). No permission travels with the query: an across-org
+selection runs only inside a ``cross_org`` block; run anywhere else it is refused like any
+unscoped query. :func:`get_retention_summary` and :func:`purge` execute what they select, so
+``all_orgs=True`` runs them inside a logged ``cross_org`` block of their own.
 Every cutoff derives from one ``now``: the caller's, or the database's clock read once,
 because Postgres keeps its own clock (a frozen Python clock would not move it).
 :func:`purge` deletes (or scrubs) in batches of ``FOR UPDATE SKIP LOCKED`` rows, each batch
@@ -32,7 +36,7 @@ from typing import Any
 
 from peewee import SQL, fn
 
-from .context import cross_org, require_org
+from .context import cross_org, cross_org_reason, require_org
 from .db import database
 from .errors import PurgeInTransactionError
 from .models import AgentRun, IdempotencyKey, Itinerary
@@ -125,7 +129,8 @@ WITH batch AS (
 SELECT count(*) FROM done
 """
 
-SELECT_REASON = "retention: stale row selection"
+SELECT_REASON = "retention: stale rows across orgs"
+SUMMARY_REASON = "retention: summary across orgs"
 PURGE_REASON = "retention: purge"
 
 
@@ -179,83 +184,102 @@ class RetentionSummary:
 
 def get_stale_agent_runs(
     retention_days: float | None = None, *, org_id: OrgLike | None = None,
-    now: datetime | None = None,
+    now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
     """Agent runs created more than ``retention_days`` before ``now``: an unexecuted query.
 
     :param retention_days: the window; ``None``: ``Settings.retention_agent_run_days``.
-    :param org_id: one org's runs; ``None``: every org's (the query carries ``cross_org``).
+    :param org_id: one org's runs.
+    :param all_orgs: every org's runs instead (the query then runs only inside ``cross_org``;
+        called inside ``cross_org``, ``org_id=None`` means the same).
     :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
     :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     """
     window = _window(retention_days, get_settings().retention_agent_run_days,
                      "retention_days", "days")
-    return _select_stale(RetentionPolicy.AGENT_RUNS, window, org_id, now)
+    org = _org(org_id, all_orgs, "get_stale_agent_runs()")
+    return _select_stale(RetentionPolicy.AGENT_RUNS, window, org, now)
 
 
 def get_stale_agent_run_tool_logs(
     retention_hours: float | None = None, *, org_id: OrgLike | None = None,
-    now: datetime | None = None,
+    now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
     """Agent runs older than ``retention_hours`` whose ``tool_log`` is still set.
 
     :param retention_hours: the window; ``None``: ``Settings.retention_tool_log_hours``.
-    :param org_id: one org's runs; ``None``: every org's.
+    :param org_id: one org's runs.
+    :param all_orgs: every org's (run the query inside ``cross_org``).
     :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
     :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     """
     window = _window(retention_hours, get_settings().retention_tool_log_hours,
                      "retention_hours", "hours")
-    return _select_stale(RetentionPolicy.AGENT_RUN_TOOL_LOGS, window, org_id, now)
+    org = _org(org_id, all_orgs, "get_stale_agent_run_tool_logs()")
+    return _select_stale(RetentionPolicy.AGENT_RUN_TOOL_LOGS, window, org, now)
 
 
 def get_stale_itineraries(
     retention_days: float | None = None, *, org_id: OrgLike | None = None,
-    now: datetime | None = None,
+    now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
     """Itineraries created more than ``retention_days`` before ``now``.
 
     :param retention_days: the window; ``None``: ``Settings.retention_itinerary_days``.
-    :param org_id: one org's itineraries; ``None``: every org's.
+    :param org_id: one org's itineraries.
+    :param all_orgs: every org's (run the query inside ``cross_org``).
     :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
     :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     """
     window = _window(retention_days, get_settings().retention_itinerary_days,
                      "retention_days", "days")
-    return _select_stale(RetentionPolicy.ITINERARIES, window, org_id, now)
+    org = _org(org_id, all_orgs, "get_stale_itineraries()")
+    return _select_stale(RetentionPolicy.ITINERARIES, window, org, now)
 
 
 def get_stale_idempotency_entries(
-    *, org_id: OrgLike | None = None, now: datetime | None = None
+    *, org_id: OrgLike | None = None, now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
     """Idempotency entries with ``ttl_until <= now``, except pending ones whose lease
     (``locked_until``) is still live: their holder is still working.
 
-    :param org_id: one org's entries; ``None``: every org's.
+    :param org_id: one org's entries.
+    :param all_orgs: every org's (run the query inside ``cross_org``).
     :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
     :raises ValueError: a naive ``now`` (before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     """
-    return _select_stale(RetentionPolicy.IDEMPOTENCY_ENTRIES, timedelta(0), org_id, now)
+    org = _org(org_id, all_orgs, "get_stale_idempotency_entries()")
+    return _select_stale(RetentionPolicy.IDEMPOTENCY_ENTRIES, timedelta(0), org, now)
 
 
 def get_retention_summary(
-    *, org_id: OrgLike | None = None, now: datetime | None = None, per_org: bool = False
+    *, org_id: OrgLike | None = None, now: datetime | None = None, per_org: bool = False,
+    all_orgs: bool = False,
 ) -> RetentionSummary:
     """Count the stale rows of every policy (windows from Settings) against one ``now``.
 
     One ``COUNT`` per policy, grouped by org when ``per_org`` is set.
 
-    :param org_id: count one org; ``None``: every org.
+    :param org_id: count one org.
+    :param all_orgs: count every org (inside a ``cross_org`` block of its own).
     :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
     :param per_org: also break the counts down per org.
     :raises ValueError: a naive ``now`` (before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     """
-    org = _org(org_id, "get_retention_summary()")
+    org = _org(org_id, all_orgs, "get_retention_summary()")
+    if org is None and cross_org_reason() is None:
+        with cross_org(reason=SUMMARY_REASON):
+            return get_retention_summary(now=now, per_org=per_org)
     windows = _setting_windows()
     when = _resolve_now(now)
     cutoffs = {policy: _cutoff(when, windows[policy]) for policy in RetentionPolicy}
@@ -281,6 +305,7 @@ def purge(
     now: datetime | None = None,
     max_batches: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    all_orgs: bool = False,
 ) -> int:
     """Delete (or, for tool logs, scrub to NULL) the stale rows of ``policy``, in batches.
 
@@ -296,14 +321,16 @@ def purge(
     :param batch_size: rows per batch (and per transaction), at least 1.
     :param dry_run: count what would be affected (within ``max_batches``), change nothing;
         allowed inside a transaction.
-    :param org_id: purge one org; ``None``: every org (as ``cross_org``).
+    :param org_id: purge one org.
+    :param all_orgs: purge every org (inside a ``cross_org`` block of its own).
     :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
     :param max_batches: stop after this many batches (at least 1); ``None``: no limit.
     :param on_batch: called with each batch's row count after that batch committed.
     :returns: the rows deleted or scrubbed (dry run: that would be).
     :raises ValueError: an unknown policy, a batch size or ``max_batches`` below 1, a naive
         ``now`` (all before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     :raises PurgeInTransactionError: called inside an open transaction (not a dry run).
     """
     from .table_retention import purge_table_policy, registered_retention_policies
@@ -311,12 +338,13 @@ def purge(
     if isinstance(policy, str) and policy in registered_retention_policies():
         # An application table's policy (tenantdb.table_retention), same rules.
         return purge_table_policy(policy, batch_size, dry_run, org_id=org_id, now=now,
-                                  max_batches=max_batches, on_batch=on_batch)
+                                  max_batches=max_batches, on_batch=on_batch,
+                                  all_orgs=all_orgs)
     chosen = _policy(policy)
     _check_count(batch_size, "batch_size")
     if max_batches is not None:
         _check_count(max_batches, "max_batches")
-    org = _org(org_id, "purge()")
+    org = _org(org_id, all_orgs, "purge()")
     if now is not None:
         _check_aware(now)  # before the dry run's or the batches' first statement
     window = _setting_windows()[chosen]
@@ -352,18 +380,16 @@ _POLICIES: dict[RetentionPolicy, _Policy] = {
 }
 
 
-def _select_stale(policy: RetentionPolicy, window: timedelta, org_id: OrgLike | None,
+def _select_stale(policy: RetentionPolicy, window: timedelta, org: uuid.UUID | None,
                   now: datetime | None) -> TenantSelect:
-    """The stale rows of ``policy``; validates everything before the clock is read."""
-    org = _org(org_id, f"get_stale_{policy.value}()")
+    """The stale rows of ``policy`` (``org`` None: every org's; validated by the caller)."""
     when = _resolve_now(now)
     predicate = _stale_predicate(policy, _cutoff(when, window), when)
     model = _POLICIES[policy].model
     if org is not None:
         return model.select(org_id=org).where(predicate)
-    with cross_org(reason=SELECT_REASON):
-        # Built here, the query keeps the cross-org permission when the caller runs it.
-        return model.select().where(predicate)
+    # Unscoped, and carrying no permission: it runs only inside a cross_org block.
+    return TenantSelect(model, model._meta.sorted_fields, is_default=True).where(predicate)
 
 
 def _stale_predicate(policy: RetentionPolicy, cutoff: datetime, now: datetime) -> Any:
@@ -478,9 +504,15 @@ def _check_aware(now: datetime) -> None:
                          f"got {now!r}: a naive time would be read in the server's zone")
 
 
-def _org(org_id: OrgLike | None, where: str) -> uuid.UUID | None:
-    # None means every org here; anything else must be a real org (an empty string is not).
-    return None if org_id is None else require_org(org_id, where)
+def _org(org_id: OrgLike | None, all_orgs: bool, where: str) -> uuid.UUID | None:
+    """The org of a call, or ``None`` for every org, which a call must say explicitly."""
+    if all_orgs:
+        if org_id is not None:
+            raise ValueError(f"{where}: pass org_id=... or all_orgs=True, not both")
+        return None
+    if org_id is None and cross_org_reason() is not None:
+        return None  # inside cross_org: every org, as the block says
+    return require_org(org_id, where)
 
 
 def _resolve_now(now: datetime | None) -> datetime:

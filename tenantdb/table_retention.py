@@ -27,12 +27,11 @@ from typing import Any
 
 import peewee
 
-from .context import cross_org
 from .db import database
 from .errors import PurgeInTransactionError
 from .retention import (
-    SELECT_REASON,
     RetentionPolicy,
+    _across,
     _check_aware,
     _check_count,
     _cutoff,
@@ -143,38 +142,42 @@ def registered_retention_policies() -> Mapping[str, TableRetentionPolicy]:
 
 
 def get_stale_rows(name: str, *, org_id: OrgLike | None = None,
-                   now: datetime | None = None) -> TenantSelect:
+                   now: datetime | None = None, all_orgs: bool = False) -> TenantSelect:
     """The stale rows of the registered policy ``name``: an unexecuted query, for one org,
-    or every org (built inside ``cross_org``).
+    or every org (``all_orgs=True``, or called inside ``cross_org``; the query then runs
+    only inside ``cross_org``: no permission travels with it).
 
     :raises ValueError: an unknown policy, or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: an ``org_id`` that is not a UUID (before any SQL).
+    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
+        ``org_id`` that is not a UUID (before any SQL).
     """
     policy = _policy(name)
-    org = _org(org_id, f"get_stale_rows({name!r})")
+    org = _org(org_id, all_orgs, f"get_stale_rows({name!r})")
     when = _resolve_now(now)
     predicate = _predicate(policy, _cutoff(when, policy.window))
     if org is not None:
         return policy.model.select(org_id=org).where(predicate)
-    with cross_org(reason=SELECT_REASON):
-        return policy.model.select().where(predicate)
+    model = policy.model
+    return TenantSelect(model, model._meta.sorted_fields, is_default=True).where(predicate)
 
 
 def purge_table_policy(
     name: str, batch_size: int = 1000, dry_run: bool = False, *,
     org_id: OrgLike | None = None, now: datetime | None = None,
     max_batches: int | None = None, on_batch: Callable[[int], None] | None = None,
+    all_orgs: bool = False,
 ) -> int:
     """:func:`tenantdb.retention.purge` for a registered policy (which calls this)."""
     policy = _policy(name)
     _check_count(batch_size, "batch_size")
     if max_batches is not None:
         _check_count(max_batches, "max_batches")
-    org = _org(org_id, "purge()")
+    org = _org(org_id, all_orgs, "purge()")
     if now is not None:
         _check_aware(now)
     if dry_run:
-        would = int(get_stale_rows(name, org_id=org, now=now).count())
+        with _across(org):
+            would = int(get_stale_rows(name, org_id=org, now=now, all_orgs=org is None).count())
         return would if max_batches is None else min(would, max_batches * batch_size)
     if database.in_transaction():
         raise PurgeInTransactionError(

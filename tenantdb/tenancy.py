@@ -11,6 +11,8 @@ verifier (:mod:`tenantdb.verifier`) and then row-level security in the database.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +31,7 @@ __all__ = [
     "OrgLike",
     "TenantForeignKey",
     "TenantModel",
+    "TenantRootModel",
     "TenantSelect",
     "cross_org",
     "cross_org_reason",
@@ -133,27 +136,185 @@ class OrgIdField(UUIDField):
 
 
 class TenantSelect(_ModelSelect):
-    """A ``SELECT`` pinned to one org: joins to tenant tables get the same org in ``ON``."""
+    """A ``SELECT`` pinned to one org: joins to tenant tables get the same org.
+
+    Rows it loads remember that org (a later ``save()`` writes only there, however few
+    columns were selected).
+    """
 
     _tenantdb_scope: uuid.UUID | None = None
+    _tenantdb_scope_term: Any = None
 
     def join(self, dest: Any, join_type: str = JOIN.INNER, on: Any = None, src: Any = None,
              attr: Any = None) -> Any:
         scope = self._tenantdb_scope
-        if scope is not None and _tenant_model(dest) is not None:
-            if on is None and join_type != JOIN.CROSS:
-                current: Any = self  # peewee's stubs omit _join_ctx
-                on = _infer_join(src if src is not None else current._join_ctx, dest)
-            join_type = JOIN.INNER if join_type == JOIN.CROSS else join_type
-            org_term = dest.org_id == scope
-            on = org_term if on is None else (on & org_term)
-        return super().join(dest, join_type, on, src, attr)
+        if scope is None or _tenant_model(dest) is None:
+            return super().join(dest, join_type, on, src, attr)
+        if on is None and join_type != JOIN.CROSS:
+            current: Any = self  # peewee's stubs omit _join_ctx
+            on = _infer_join(src if src is not None else current._join_ctx, dest)
+        join_type = JOIN.INNER if join_type == JOIN.CROSS else join_type
+        org_term = dest.org_id == scope
+        query: Any = super().join(dest, join_type,  # Any: the stubs omit the private _where
+                                  org_term if on is None else (on & org_term), src, attr)
+        if join_type in _KEEPS_LEFT_ROWS_NULL:
+            # ON cannot filter a preserved side: its org goes to WHERE; the base table's
+            # WHERE term lets through the rows this join null-extends (org_id is NOT NULL,
+            # so IS NULL holds only for those), which the verifier accepts.
+            keep_dest = join_type in _KEEPS_RIGHT_ROWS_NULL
+            query = query.where(((dest.org_id == scope) | dest.org_id.is_null())
+                                if keep_dest else dest.org_id == scope)
+            query._where = _null_tolerant_base(query._where, self._tenantdb_scope_term)
+        return query
 
     def orwhere(self, *expressions: Any) -> Any:
         """Refused when it would weaken the org scope (it always does on a tenant query)."""
         query = super().orwhere(*expressions)
         verify(query)
         return query
+
+    def cte(self, name: str, recursive: bool = False, columns: Any = None,
+            materialized: bool | None = None) -> Any:
+        """Peewee's ``cte()``; its ``select_from`` reads the CTE without asking the model
+        for an org (Peewee's would call ``Model.select()``)."""
+        return _TenantCTE(name, self, recursive=recursive, columns=columns,
+                          materialized=materialized)
+
+    def _get_cursor_wrapper(self, cursor: Any) -> Any:
+        wrapper = super()._get_cursor_wrapper(cursor)  # type: ignore[misc]
+        process_row = getattr(wrapper, "process_row", None)
+        if process_row is None or self._tenantdb_scope is None:
+            return wrapper
+        model = getattr(wrapper, "constructor", None)
+        if (type(wrapper) is peewee.ModelObjectCursorWrapper and isinstance(model, type)
+                and issubclass(model, TenantModel)):
+            # The common case, one model per row: the org rides in with the constructor's
+            # arguments (cheaper than wrapping every row).
+            wrapper.constructor = functools.partial(model, __tenantdb_org__=self._tenantdb_scope)
+            return wrapper
+        # Only a wrapper that attaches joined rows can assign None to a relation.
+        joins = isinstance(wrapper, peewee.ModelCursorWrapper)
+        wrapper.process_row = _RowLoader(process_row, self._tenantdb_scope, joins)
+        return wrapper
+
+
+class _TenantCTE(peewee.CTE):
+    """A CTE over a tenant query. ``select_from`` builds the outer query as Peewee does,
+    minus the ``Model.select()`` call that would demand an org for a query that reads only
+    the CTE (whose own query carries the org, and is verified with the statement)."""
+
+    def select_from(self, *columns: Any) -> Any:
+        query: Any = getattr(self, "_query")  # noqa: B009 - peewee's stubs omit _query
+        model = getattr(query, "model", None)
+        if not columns or model is None:
+            return super().select_from(*columns)
+        select = peewee.ModelSelect(model, columns).from_(self).with_cte(self)
+        return select.bind(query._database)
+
+    def union_all(self, rhs: Any) -> Any:
+        this: Any = self  # peewee's stubs omit the private attributes
+        return _TenantCTE(this._alias, this._query.clone() + rhs, this._recursive,
+                          this._columns)
+
+    def union(self, rhs: Any) -> Any:
+        this: Any = self
+        return _TenantCTE(this._alias, this._query.clone() | rhs, this._recursive,
+                          this._columns)
+
+    __add__ = union_all
+    __or__ = union
+
+
+# A RIGHT or FULL join null-extends the left side (the base table among it); a FULL join
+# null-extends the right side too.
+_KEEPS_LEFT_ROWS_NULL = frozenset({JOIN.RIGHT_OUTER, JOIN.FULL, JOIN.FULL_OUTER})
+_KEEPS_RIGHT_ROWS_NULL = frozenset({JOIN.FULL, JOIN.FULL_OUTER})
+# Set while Peewee builds rows: its joins then assign None for a missing joined row.
+_loading: contextvars.ContextVar[bool] = contextvars.ContextVar("tenantdb_loading",
+                                                                default=False)
+
+
+class _RowLoader:
+    """Wraps a cursor wrapper's ``process_row``: stamps each loaded row (and the rows joined
+    to it) with the org of the query that read it."""
+
+    __slots__ = ("joins", "org", "process_row")
+
+    def __init__(self, process_row: Any, org: uuid.UUID, joins: bool) -> None:
+        self.process_row = process_row
+        self.org = org
+        self.joins = joins
+
+    def __call__(self, row: Any) -> Any:
+        if self.joins:
+            token = _loading.set(True)
+            try:
+                obj = self.process_row(row)
+            finally:
+                _loading.reset(token)
+        else:
+            obj = self.process_row(row)
+        if isinstance(obj, (TenantModel, TenantRootModel)):
+            _stamp(obj, self.org)
+        return obj
+
+
+def _stamp(obj: Any, org: uuid.UUID) -> None:
+    if obj.__dict__.get("_tenantdb_row_org") is None:
+        obj.__dict__["_tenantdb_row_org"] = org
+    for related in obj.__rel__.values():
+        if isinstance(related, (TenantModel, TenantRootModel)):
+            _stamp(related, org)
+
+
+def _null_tolerant_base(where: Any, term: Any) -> Any:
+    """``where`` with the base table's scope ``term`` (identified by identity) widened to
+    ``term OR <org column> IS NULL``; unchanged if the term is not an AND-ed part of it."""
+    if term is None or where is None:
+        return where
+    if where is term:
+        return term | term.lhs.is_null()
+    if isinstance(where, peewee.Expression) and where.op == peewee.OP.AND:
+        left = _null_tolerant_base(where.lhs, term)
+        right = _null_tolerant_base(where.rhs, term)
+        if left is not where.lhs or right is not where.rhs:
+            return peewee.Expression(left, peewee.OP.AND, right)
+    return where
+
+
+class TenantRootModel(BaseModel):
+    """Base of the tenant root (``org``): each row *is* an org, and its ``id`` is the org.
+
+    Reads are scoped by that id: ``Org.select(org_id=A)`` is ``WHERE id = A``, as is any query
+    whose WHERE pins ``Org.id`` (``Org.get_by_id(A)``); an unscoped read is refused when it
+    runs outside :func:`cross_org`. ``UPDATE`` of the org's own row is allowed; creating and
+    deleting orgs is admin work (:func:`tenantdb.orgs.create_org`,
+    :func:`tenantdb.orgs.delete_org`), and the application role has no right to either.
+    """
+
+    @classmethod
+    def select(cls, *fields: Any, org_id: OrgLike | None = None) -> TenantSelect:
+        """``SELECT ... WHERE id = org``, or unscoped (then refused outside ``cross_org``)."""
+        query = TenantSelect(cls, fields or cls._meta.sorted_fields, is_default=not fields)
+        if org_id is None:
+            return query
+        org = require_org(org_id, f"{cls.__name__}.select()")
+        term = cls._meta.primary_key == org
+        scoped: TenantSelect = _mark(query.where(term), _tenantdb_scope=org,
+                                     _tenantdb_scope_term=term)
+        return scoped
+
+    def save(self, force_insert: bool = False, only: Any = None) -> int:
+        """Peewee's ``save``, refused when a row read as one org now names another.
+
+        :raises CrossOrgError: the row's ``id`` was changed after it was read.
+        """
+        known = self.__dict__.get("_tenantdb_row_org")
+        current = self.__data__.get(_id_field(type(self)).name)
+        if known is not None and not _same_org(known, current):
+            raise CrossOrgError(f"{type(self).__name__} {known} cannot be saved as {current}: "
+                                "an org's id never changes")
+        return int(super().save(force_insert=force_insert, only=only))
 
 
 class TenantModel(BaseModel, metaclass=_TenantModelBase):
@@ -176,10 +337,14 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
     __rel__: dict[str, Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Peewee builds rows read from the database with __no_default__.
+        # Peewee builds rows read from the database with __no_default__; a scoped query
+        # adds the org it read them from.
         loaded = bool(kwargs.get("__no_default__"))
+        org = kwargs.pop("__tenantdb_org__", None)
         super().__init__(*args, **kwargs)
         self.__dict__["_tenantdb_persisted"] = loaded
+        if org is not None and self.__dict__.get("_tenantdb_row_org") is None:
+            self.__dict__["_tenantdb_row_org"] = org
 
     # -- reads --
 
@@ -193,10 +358,12 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         """
         query = TenantSelect(cls, fields or cls._meta.sorted_fields, is_default=not fields)
         if org_id is None and cross_org_reason() is not None:
-            scoped: TenantSelect = _mark(query, _tenantdb_cross_org=cross_org_reason())
-            return scoped
+            # No permission travels with the query: run outside the block, it is refused.
+            return query
         org = require_org(org_id, f"{cls.__name__}.select()")
-        scoped = _mark(query.where(cls.org_id == org), _tenantdb_scope=org)
+        term = cls.org_id == org
+        scoped: TenantSelect = _mark(query.where(term), _tenantdb_scope=org,
+                                     _tenantdb_scope_term=term)
         return scoped
 
     @classmethod
@@ -235,6 +402,14 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
                       **kwargs: Any) -> tuple[_M, bool]:
         """The org's row matching ``kwargs``, or a new one (with ``defaults``) and ``True``."""
         org = require_org(org_id, f"{cls.__name__}.get_or_create()")
+        defaults = dict(defaults or {})
+        given = defaults.pop(ORG_COLUMN, None)
+        if given is not None and require_org(given, f"{cls.__name__}.get_or_create()") != org:
+            raise CrossOrgError(f"{cls.__name__}.get_or_create(): defaults name org {given}, "
+                                f"the call org {org}")
+        if ORG_COLUMN in kwargs:
+            raise ValueError(f"{cls.__name__}.get_or_create(): pass the org as org_id=..., "
+                             "not among the filters")
         query = cls.select(org_id=org)
         for name, value in kwargs.items():
             query = query.where(getattr(cls, name) == value)
@@ -244,7 +419,7 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         except peewee.DoesNotExist:
             try:
                 with cls._meta.database.atomic():
-                    return cls.create(org_id=org, **{**kwargs, **(defaults or {})}), True
+                    return cls.create(org_id=org, **{**kwargs, **defaults}), True
             except peewee.IntegrityError:
                 found = query.get()  # a concurrent creator won the race
                 return found, False
@@ -264,7 +439,7 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         """
         query = super().raw(sql, *params)
         if org_id is None and cross_org_reason() is not None:
-            return _mark(query, _tenantdb_cross_org=cross_org_reason())
+            return query  # admin only while run inside the block
         return _mark(query, _tenantdb_org=require_org(org_id, f"{cls.__name__}.raw()"))
 
     # -- writes --
@@ -343,7 +518,7 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
                                 "scope of the update")
         query = super().update(data, **update)
         if org_id is None and cross_org_reason() is not None:
-            return _mark(query, _tenantdb_cross_org=cross_org_reason())
+            return query
         return query.where(cls.org_id == require_org(org_id, f"{cls.__name__}.update()"))
 
     @classmethod
@@ -351,7 +526,7 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         """``DELETE ... WHERE org_id = org``."""
         query = super().delete()
         if org_id is None and cross_org_reason() is not None:
-            return _mark(query, _tenantdb_cross_org=cross_org_reason())
+            return query
         return query.where(cls.org_id == require_org(org_id, f"{cls.__name__}.delete()"))
 
     @classmethod
@@ -394,9 +569,10 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         instances = list(model_list)
         if not instances:
             return 0
-        org = require_org(org_id if org_id is not None else instances[0].org_id,
+        orgs = [inst._write_org("bulk_update()") for inst in instances]
+        org = require_org(org_id if org_id is not None else orgs[0],
                           f"{cls.__name__}.bulk_update()")
-        if any(not _same_org(inst.org_id, org) for inst in instances):
+        if any(not _same_org(row_org, org) for row_org in orgs):
             raise CrossOrgError(f"{cls.__name__}.bulk_update() writes one org ({org})")
         targets = [cls._meta.fields[f] if isinstance(f, str) else f for f in fields]
         if any(f.name in (ORG_COLUMN, "id") for f in targets):
@@ -415,7 +591,7 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         :raises MissingOrgError: the row has no org.
         :raises peewee.DoesNotExist: the update matched no row (deleted, or never inserted).
         """
-        org = require_org(self.org_id, f"{type(self).__name__}.save()")
+        org = self._write_org("save()")
         if force_insert or not self.__dict__.get("_tenantdb_persisted"):
             rows = int(super().save(force_insert=True, only=only))
             self.__dict__["_tenantdb_persisted"] = True
@@ -441,13 +617,35 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
 
         :raises peewee.DoesNotExist: no such row in its org.
         """
-        org = require_org(self.org_id, f"{type(self).__name__}.delete_instance()")
+        org = self._write_org("delete_instance()")
         rows = int(type(self).delete(org_id=org).where(*self._key_terms()).execute())
         if rows == 0:
             raise self.DoesNotExist(f"{type(self).__name__}.delete_instance() matched no row "
                                     f"of org {org} with {self._key_text()}")
         self.__dict__["_tenantdb_persisted"] = False
         return rows
+
+    def _write_org(self, what: str) -> uuid.UUID:
+        """The org a write of this row goes to: the one it was read from or created in.
+
+        A row read by a query scoped to org A remembers A even when ``org_id`` was not
+        selected; its ``org_id`` can never name another org.
+
+        :raises CrossOrgError: ``org_id`` now names another org than the row's own.
+        :raises MissingOrgError: a new row without an org.
+        """
+        where = f"{type(self).__name__}.{what}"
+        known = self.__dict__.get("_tenantdb_row_org")
+        current = self.__data__.get(ORG_COLUMN)
+        if self.__dict__.get("_tenantdb_persisted") and known is not None:
+            org = require_org(known, where)
+            if current is not None and not _same_org(current, org):
+                raise CrossOrgError(f"{where}: the row belongs to org {org}, its org_id says "
+                                    f"{current}; insert a copy under the other org")
+            if current is None:
+                self.__data__[ORG_COLUMN] = org
+            return org
+        return require_org(current, where)
 
     def _key_terms(self) -> list[Any]:
         return [f == getattr(self, f.name) for f in _pk_fields(type(self))
@@ -508,6 +706,12 @@ class _RelatedObject:
         return row
 
     def __set__(self, instance: Any, value: Any) -> None:
+        if _loading.get():
+            # Peewee attaching a joined row while it reads: the column keeps the value read.
+            # An outer join that found no row assigns None, and a joined row may lack its
+            # id; neither says anything about the column (a later save() must not write it).
+            instance.__rel__[self.fk.object_name] = value
+            return
         if value is not None and not _same_org(value.org_id, instance.org_id):
             raise CrossOrgError(f"{type(instance).__name__}.{self.fk.object_name}: a row of org "
                                 f"{value.org_id} cannot be linked from org {instance.org_id}")

@@ -15,7 +15,7 @@ import pytest
 from psycopg2 import sql
 
 from tenantdb.db import execute_once as admin_execute
-from tenantdb.models import Org
+from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 
 pytest_plugins = ["pytester"]
@@ -30,8 +30,8 @@ class TwoOrgs:
 @pytest.fixture
 def two_orgs(tenant_db: object) -> TwoOrgs:
     """Orgs A and B in the test transaction."""
-    a = Org.create(name="Org A", slug=f"a-{uuid.uuid4().hex[:10]}")
-    b = Org.create(name="Org B", slug=f"b-{uuid.uuid4().hex[:10]}")
+    a = create_org("Org A", f"a-{uuid.uuid4().hex[:10]}")
+    b = create_org("Org B", f"b-{uuid.uuid4().hex[:10]}")
     return TwoOrgs(a.id, b.id)
 
 

@@ -14,10 +14,10 @@ from tenantdb.models import (
     IdempotencyKey,
     Itinerary,
     KnowledgeItem,
-    Org,
     RefreshToken,
     User,
 )
+from tenantdb.orgs import create_org
 
 IDS = {name: uuid.uuid4() for name in (
     "user", "token", "destination", "item", "embedding", "run", "itinerary")}
@@ -31,8 +31,8 @@ class Twins:
 
 
 def make_twins() -> Twins:
-    a = Org.create(name="Twin A", slug=f"twin-a-{uuid.uuid4().hex[:8]}").id
-    b = Org.create(name="Twin B", slug=f"twin-b-{uuid.uuid4().hex[:8]}").id
+    a = create_org("Twin A", f"twin-a-{uuid.uuid4().hex[:8]}").id
+    b = create_org("Twin B", f"twin-b-{uuid.uuid4().hex[:8]}").id
     for org in (a, b):
         fill_org(org)
     return Twins(a, b)

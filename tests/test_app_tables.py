@@ -25,7 +25,8 @@ from conftest import PYTHON, TwoOrgs, cli_env
 from tenantdb import migrate
 from tenantdb.db import TenantDatabase, database
 from tenantdb.errors import CrossOrgError, MigrationError, MissingOrgError, UnscopedQueryError
-from tenantdb.models import Destination, Org
+from tenantdb.models import Destination
+from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.report import org_summary
 from tenantdb.retention import purge
@@ -407,8 +408,8 @@ def test_plugin_migrates_and_seeds_an_application_from_its_ini(
 
 def test_registered_retention_policies_purge_per_org_and_across(
         tenantdb_committed: TenantDatabase) -> None:
-    a = Org.create(name="Org A", slug=f"a-{uuid.uuid4().hex[:10]}").id
-    b = Org.create(name="Org B", slug=f"b-{uuid.uuid4().hex[:10]}").id
+    a = create_org("Org A", f"a-{uuid.uuid4().hex[:10]}").id
+    b = create_org("Org B", f"b-{uuid.uuid4().hex[:10]}").id
     old, fresh = uuid.uuid4(), uuid.uuid4()
     long_ago = datetime.now(timezone.utc) - timedelta(days=40)
     for org in (a, b):
@@ -424,8 +425,8 @@ def test_registered_retention_policies_purge_per_org_and_across(
     assert {n.id for n in TripNote.select(org_id=a)} == {fresh}
     assert {n.id for n in TripNote.select(org_id=b)} == {old, fresh}
 
-    assert purge("trip_note_places", dry_run=True) == 1
-    assert purge("trip_note_places") == 1  # every org: only B's old note is left to scrub
+    assert purge("trip_note_places", dry_run=True, all_orgs=True) == 1
+    assert purge("trip_note_places", all_orgs=True) == 1  # only B's old note is left
     assert TripNote.get_by_id(old, org_id=b).destination_id is None
     assert TripNote.get_by_id(fresh, org_id=b).destination_id is not None
     assert TripNote.get_by_id(fresh, org_id=a).destination_id is not None

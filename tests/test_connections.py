@@ -33,6 +33,7 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.models import Destination, Org
+from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase, admit_all_threads, admit_threads
 from tenantdb.settings import override_settings
 from tenantdb.tenancy import cross_org
@@ -80,7 +81,7 @@ def run_threads(count: int, target: Callable[[int], None]) -> None:
 def twins(tenantdb_committed: db.TenantDatabase) -> tuple[uuid.UUID, uuid.UUID]:
     orgs = []
     for name in ("A", "B"):
-        org = Org.create(name=name, slug=f"{name.lower()}-{uuid.uuid4().hex[:8]}").id
+        org = create_org(name, f"{name.lower()}-{uuid.uuid4().hex[:8]}").id
         Destination.create(org_id=org, name="Lisbon")
         orgs.append(org)
     return orgs[0], orgs[1]

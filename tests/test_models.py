@@ -13,7 +13,8 @@ from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField
 
 from tenantdb.db import TenantDatabase
 from tenantdb.errors import MissingOrgError
-from tenantdb.models import ALL_MODELS, Destination, IdempotencyKey, Org
+from tenantdb.models import ALL_MODELS, Destination, IdempotencyKey
+from tenantdb.orgs import create_org
 from tenantdb.tenancy import BaseModel, cross_org
 
 PG_TYPES: dict[type[peewee.Field], str] = {
@@ -146,9 +147,9 @@ def test_save_updates_only_its_own_org_row(two_orgs: TwoOrgs) -> None:
 
 
 def test_org_slug_is_unique(tenant_db: TenantDatabase) -> None:
-    Org.create(name="One", slug="same-slug")
+    create_org("One", "same-slug")
     with pytest.raises(peewee.IntegrityError), tenant_db.atomic():
-        Org.create(name="Two", slug="same-slug")
+        create_org("Two", "same-slug")
 
 
 def test_composite_foreign_key_blocks_cross_org_reference(two_orgs: TwoOrgs) -> None:

@@ -21,7 +21,8 @@ from conftest import PYTHON, TwoOrgs, admin_execute, cli_env
 from tenantdb import retention
 from tenantdb.db import TenantDatabase, database
 from tenantdb.errors import MissingOrgError
-from tenantdb.models import AgentRun, IdempotencyKey, Itinerary, Org, User
+from tenantdb.models import AgentRun, IdempotencyKey, Itinerary, User
+from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.retention import (
     PurgeInTransactionError,
@@ -53,7 +54,7 @@ def utcnow() -> datetime:
 
 
 def make_org(name: str = "Org") -> uuid.UUID:
-    org: uuid.UUID = Org.create(name=name, slug=f"ret-{uuid.uuid4().hex[:12]}").id
+    org: uuid.UUID = create_org(name, f"ret-{uuid.uuid4().hex[:12]}").id
     return org
 
 
@@ -88,6 +89,12 @@ def keys(query: Any) -> set[Row]:
     if query.model is IdempotencyKey:
         return {(row.org_id, row.key) for row in query}
     return {(row.org_id, row.id) for row in query}
+
+
+def across(query: Any) -> set[Row]:
+    """Run an across-org selection where it may run: inside cross_org."""
+    with cross_org(reason="test: across-org selection"):
+        return keys(query)
 
 
 def all_keys(model: Any) -> set[Row]:
@@ -172,8 +179,8 @@ def stale_count(policy: RetentionPolicy, now: datetime) -> int:
     """Counted in a fresh thread, so on another pooled connection: committed rows only."""
     def count() -> int:
         try:
-            with cross_org(reason="test: count every org"):
-                return int(SELECTORS[policy](now=now).count())
+            with cross_org(reason="test: count stale rows"):
+                return int(SELECTORS[policy](now=now, all_orgs=True).count())
         finally:
             database.close()  # give the thread's pooled connection back
 
@@ -194,8 +201,7 @@ def make_stale_runs(org: uuid.UUID, count: int, now: datetime) -> None:
 @every_policy
 def test_selector_returns_exactly_the_stale_rows_of_every_org(
         world: World, policy: RetentionPolicy) -> None:
-    with cross_org(reason="test: every org"):  # decided where the query runs
-        assert keys(SELECTORS[policy](now=world.now)) == world.stale[policy]
+    assert across(SELECTORS[policy](now=world.now, all_orgs=True)) == world.stale[policy]
 
 
 @every_policy
@@ -208,7 +214,7 @@ def test_selector_for_one_org_returns_only_its_stale_rows(
 @every_policy
 def test_selector_returns_an_unexecuted_query(
         world: World, policy: RetentionPolicy) -> None:
-    query = SELECTORS[policy](now=world.now)
+    query = SELECTORS[policy](now=world.now, all_orgs=True)
     user, long_ago = make_user(world.a), world.now - timedelta(days=365)
     if policy is RetentionPolicy.IDEMPOTENCY_ENTRIES:
         added = make_entry(world.a, user, long_ago)
@@ -216,17 +222,17 @@ def test_selector_returns_an_unexecuted_query(
         added = make_itinerary(world.a, user, long_ago)
     else:
         added = make_run(world.a, user, long_ago, LOG)
-    assert added in keys(query)  # rows inserted after the call are seen: nothing ran yet
+    assert added in across(query)  # rows inserted after the call are seen: nothing ran yet
 
 
 def test_cross_org_selection_does_not_leak_the_escape_hatch(world: World) -> None:
-    get_stale_agent_runs(now=world.now)
+    get_stale_agent_runs(now=world.now, all_orgs=True)
     with pytest.raises(MissingOrgError):
         AgentRun.select()
 
 
 def test_tool_log_selector_skips_runs_without_a_log(world: World) -> None:
-    selected = keys(get_stale_agent_run_tool_logs(now=world.now))
+    selected = across(get_stale_agent_run_tool_logs(now=world.now, all_orgs=True))
     assert selected <= logged_runs()
 
 
@@ -235,18 +241,19 @@ def test_pending_entry_with_live_lease_is_never_selected(tenant_db: TenantDataba
     now, user = utcnow(), make_user(org_id)
     held = make_entry(org_id, user, now - timedelta(days=7), status="pending",
                       locked_until=now + timedelta(seconds=1))
-    assert held not in keys(get_stale_idempotency_entries(now=now))
-    assert held in keys(get_stale_idempotency_entries(now=now + timedelta(seconds=2)))
+    assert held not in keys(get_stale_idempotency_entries(org_id=org_id, now=now))
+    assert held in keys(get_stale_idempotency_entries(org_id=org_id,
+                                                      now=now + timedelta(seconds=2)))
 
 
 def test_window_argument_overrides_the_setting(tenant_db: TenantDatabase,
                                                org_id: uuid.UUID) -> None:
     now, user = utcnow(), make_user(org_id)
     week_old = make_run(org_id, user, now - timedelta(days=7) - EDGE, LOG)
-    assert keys(get_stale_agent_runs(7, now=now)) == {week_old}
-    assert keys(get_stale_agent_runs(now=now)) == set()
-    assert keys(get_stale_agent_run_tool_logs(24 * 7, now=now)) == {week_old}
-    assert keys(get_stale_itineraries(retention_days=1, now=now)) == set()
+    assert keys(get_stale_agent_runs(7, org_id=org_id, now=now)) == {week_old}
+    assert keys(get_stale_agent_runs(org_id=org_id, now=now)) == set()
+    assert keys(get_stale_agent_run_tool_logs(24 * 7, org_id=org_id, now=now)) == {week_old}
+    assert keys(get_stale_itineraries(retention_days=1, org_id=org_id, now=now)) == set()
 
 
 def test_windows_default_to_settings(tenant_db: TenantDatabase, org_id: uuid.UUID) -> None:
@@ -255,10 +262,10 @@ def test_windows_default_to_settings(tenant_db: TenantDatabase, org_id: uuid.UUI
     trip = make_itinerary(org_id, user, now - timedelta(days=2) - EDGE)
     with override_settings(retention_agent_run_days=2, retention_tool_log_hours=48,
                            retention_itinerary_days=2):
-        assert keys(get_stale_agent_runs(now=now)) == {run}
-        assert keys(get_stale_agent_run_tool_logs(now=now)) == {run}
-        assert keys(get_stale_itineraries(now=now)) == {trip}
-        assert get_retention_summary(now=now).counts == {
+        assert keys(get_stale_agent_runs(org_id=org_id, now=now)) == {run}
+        assert keys(get_stale_agent_run_tool_logs(org_id=org_id, now=now)) == {run}
+        assert keys(get_stale_itineraries(org_id=org_id, now=now)) == {trip}
+        assert get_retention_summary(org_id=org_id, now=now).counts == {
             "agent_runs": 1, "agent_run_tool_logs": 1, "itineraries": 1,
             "idempotency_entries": 0}
 
@@ -275,7 +282,7 @@ def test_now_defaults_to_the_database_clock(tenant_db: TenantDatabase,
 
 
 def test_summary_counts_every_policy_against_one_now(world: World) -> None:
-    summary = get_retention_summary(now=world.now)
+    summary = get_retention_summary(now=world.now, all_orgs=True)
     assert summary.now == world.now and summary.org_id is None and summary.per_org is None
     assert dict(summary.counts) == {p: len(world.stale[p]) for p in RetentionPolicy}
     assert summary.total == sum(len(rows) for rows in world.stale.values())
@@ -286,7 +293,7 @@ def test_summary_counts_every_policy_against_one_now(world: World) -> None:
 
 
 def test_summary_per_org_breaks_counts_down(world: World) -> None:
-    summary = get_retention_summary(now=world.now, per_org=True)
+    summary = get_retention_summary(now=world.now, per_org=True, all_orgs=True)
     assert summary.per_org is not None
     for org in (world.a, world.b):
         assert dict(summary.per_org[org]) == {
@@ -309,9 +316,8 @@ def test_purge_affects_exactly_the_stale_rows(committed_world: World,
                                               policy: RetentionPolicy) -> None:
     w = committed_world
     before = all_keys(MODELS[policy])
-    assert purge(policy, batch_size=2, now=w.now) == len(w.stale[policy])
-    with cross_org(reason="test: every org"):
-        assert SELECTORS[policy](now=w.now).count() == 0
+    assert purge(policy, batch_size=2, now=w.now, all_orgs=True) == len(w.stale[policy])
+    assert across(SELECTORS[policy](now=w.now, all_orgs=True)) == set()
     if policy is RetentionPolicy.AGENT_RUN_TOOL_LOGS:
         assert all_keys(AgentRun) == before  # scrubbed, not deleted
         assert logged_runs() == w.fresh[policy]
@@ -326,12 +332,11 @@ def test_purge_for_one_org_leaves_other_orgs_alone(committed_world: World,
     w = committed_world
     purged = purge(policy, org_id=w.a, now=w.now)
     assert purged == len(w.stale_in(policy, w.a))
-    with cross_org(reason="test: every org"):
-        assert keys(SELECTORS[policy](now=w.now)) == w.stale_in(policy, w.b)
+    assert across(SELECTORS[policy](now=w.now, all_orgs=True)) == w.stale_in(policy, w.b)
 
 
 def test_purge_accepts_policy_names(committed_world: World) -> None:
-    assert purge("itineraries", now=committed_world.now) == 2
+    assert purge("itineraries", now=committed_world.now, all_orgs=True) == 2
 
 
 def test_tool_logs_are_scrubbed_and_runs_kept(tenantdb_committed: TenantDatabase) -> None:
@@ -339,7 +344,7 @@ def test_tool_logs_are_scrubbed_and_runs_kept(tenantdb_committed: TenantDatabase
     user = make_user(org)
     old = make_run(org, user, now - LOG_WINDOW - EDGE, LOG)
     updated_at = AgentRun.get_by_id(old[1], org_id=org).updated_at
-    assert purge(RetentionPolicy.AGENT_RUN_TOOL_LOGS, now=now) == 1
+    assert purge(RetentionPolicy.AGENT_RUN_TOOL_LOGS, now=now, org_id=org) == 1
     run = AgentRun.get_by_id(old[1], org_id=org)
     assert run.tool_log is None and run.updated_at == updated_at
 
@@ -349,7 +354,7 @@ def test_purged_run_leaves_its_itinerary_unlinked(tenantdb_committed: TenantData
     user = make_user(org)
     run = make_run(org, user, now - RUN_WINDOW - EDGE)
     trip = make_itinerary(org, user, now, agent_run_id=run[1])
-    assert purge(RetentionPolicy.AGENT_RUNS, now=now) == 1
+    assert purge(RetentionPolicy.AGENT_RUNS, now=now, org_id=org) == 1
     assert Itinerary.get_by_id(trip[1], org_id=org).agent_run_id is None
 
 
@@ -357,7 +362,7 @@ def test_dry_run_counts_and_changes_nothing(committed_world: World) -> None:
     w = committed_world
     before = {p: all_keys(MODELS[p]) for p in RetentionPolicy}
     for policy in RetentionPolicy:
-        assert purge(policy, dry_run=True, now=w.now) == len(w.stale[policy])
+        assert purge(policy, dry_run=True, now=w.now, all_orgs=True) == len(w.stale[policy])
         assert purge(policy, 1, True, org_id=w.b, now=w.now, max_batches=1) == 1
     assert {p: all_keys(MODELS[p]) for p in RetentionPolicy} == before
     assert logged_runs() == (w.stale[RetentionPolicy.AGENT_RUN_TOOL_LOGS]
@@ -375,7 +380,7 @@ def test_every_batch_is_bounded_and_committed_on_its_own(
         sizes.append(affected)
         seen_elsewhere.append(stale_count(RetentionPolicy.AGENT_RUNS, now))
 
-    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now, on_batch=after_batch) == 35
+    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now, on_batch=after_batch, all_orgs=True) == 35
     assert sizes == [10, 10, 10, 5]
     assert seen_elsewhere == [25, 15, 5, 0]
 
@@ -384,9 +389,9 @@ def test_purge_interrupted_after_k_batches_keeps_them_and_rerun_finishes(
         tenantdb_committed: TenantDatabase) -> None:
     now = utcnow()
     make_stale_runs(make_org(), 35, now)
-    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now, max_batches=2) == 20
+    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now, max_batches=2, all_orgs=True) == 20
     assert stale_count(RetentionPolicy.AGENT_RUNS, now) == 15
-    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now) == 15
+    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now, all_orgs=True) == 15
     assert stale_count(RetentionPolicy.AGENT_RUNS, now) == 0
 
 
@@ -402,9 +407,9 @@ def test_purge_killed_by_an_error_keeps_committed_batches(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        purge(RetentionPolicy.AGENT_RUNS, 10, now=now, on_batch=crash_after_two)
+        purge(RetentionPolicy.AGENT_RUNS, 10, now=now, on_batch=crash_after_two, all_orgs=True)
     assert stale_count(RetentionPolicy.AGENT_RUNS, now) == 15
-    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now) == 15
+    assert purge(RetentionPolicy.AGENT_RUNS, 10, now=now, all_orgs=True) == 15
     assert stale_count(RetentionPolicy.AGENT_RUNS, now) == 0
 
 
@@ -419,7 +424,7 @@ def test_concurrent_purges_split_the_rows_without_deadlock(
         start.wait()
         try:
             return purge(RetentionPolicy.AGENT_RUNS, 25, now=now,
-                         org_id=org if org_scoped else None)
+                         org_id=org if org_scoped else None, all_orgs=not org_scoped)
         finally:
             database.close()  # give the thread's pooled connection back
 
@@ -432,11 +437,11 @@ def test_concurrent_purges_split_the_rows_without_deadlock(
 def test_purge_inside_a_transaction_is_refused(tenant_db: TenantDatabase,
                                                org_id: uuid.UUID) -> None:
     with pytest.raises(PurgeInTransactionError, match=r"outside database\.atomic\(\)"):
-        purge(RetentionPolicy.AGENT_RUNS)
+        purge(RetentionPolicy.AGENT_RUNS, org_id=org_id)
 
 
 def test_dry_run_inside_a_transaction_is_allowed(world: World) -> None:
-    assert purge(RetentionPolicy.ITINERARIES, dry_run=True, now=world.now) == 2
+    assert purge(RetentionPolicy.ITINERARIES, dry_run=True, now=world.now, all_orgs=True) == 2
 
 
 # BAD INPUT: no fixture grants database access, so any SQL would raise RuntimeError instead
@@ -446,13 +451,13 @@ NAIVE = datetime(2024, 1, 1, 12, 0)
 
 
 @pytest.mark.parametrize("call", [
-    lambda: get_stale_agent_runs(now=NAIVE),
-    lambda: get_stale_agent_run_tool_logs(now=NAIVE),
-    lambda: get_stale_itineraries(now=NAIVE),
-    lambda: get_stale_idempotency_entries(now=NAIVE),
-    lambda: get_retention_summary(now=NAIVE),
-    lambda: purge(RetentionPolicy.AGENT_RUNS, now=NAIVE),
-    lambda: purge(RetentionPolicy.AGENT_RUNS, dry_run=True, now=NAIVE),
+    lambda: get_stale_agent_runs(now=NAIVE, all_orgs=True),
+    lambda: get_stale_agent_run_tool_logs(now=NAIVE, all_orgs=True),
+    lambda: get_stale_itineraries(now=NAIVE, all_orgs=True),
+    lambda: get_stale_idempotency_entries(now=NAIVE, all_orgs=True),
+    lambda: get_retention_summary(now=NAIVE, all_orgs=True),
+    lambda: purge(RetentionPolicy.AGENT_RUNS, now=NAIVE, all_orgs=True),
+    lambda: purge(RetentionPolicy.AGENT_RUNS, dry_run=True, now=NAIVE, all_orgs=True),
 ], ids=["runs", "tool_logs", "itineraries", "idempotency", "summary", "purge", "dry_run"])
 def test_naive_now_is_refused_before_sql(tenantdb_database: TestDatabase,
                                          call: Callable[[], Any]) -> None:
@@ -559,7 +564,8 @@ def test_every_selector_uses_an_index(big_tables: tuple[datetime, uuid.UUID]) ->
     now, org = big_tables
     for policy in RetentionPolicy:
         for scoped in SCOPES:
-            query = SELECTORS[policy](org_id=org if scoped else None, now=now)
+            query = SELECTORS[policy](org_id=org if scoped else None, now=now,
+                                      all_orgs=not scoped)
             sql, params = query.sql()
             _assert_indexed(_plan(sql, params, org if scoped else None),
                             MODELS[policy]._meta.table_name)
@@ -567,7 +573,7 @@ def test_every_selector_uses_an_index(big_tables: tuple[datetime, uuid.UUID]) ->
 
 def test_every_purge_batch_uses_an_index(big_tables: tuple[datetime, uuid.UUID]) -> None:
     now, org = big_tables
-    cutoffs = get_retention_summary(now=now).cutoffs
+    cutoffs = get_retention_summary(now=now, all_orgs=True).cutoffs
     for policy in RetentionPolicy:
         for scoped in SCOPES:
             sql = retention._batch_statement(policy, scoped)

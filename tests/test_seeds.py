@@ -152,8 +152,9 @@ def test_good_file_before_bad_file_stays_loaded(tenant_db: TenantDatabase,
 
 def test_seeded_orgs_are_isolated(tenant_db: TenantDatabase) -> None:
     load_seeds(SEEDS_DIR)
-    demo = Org.get(Org.slug == "demo-travel")
-    acme = Org.get(Org.slug == "acme-journeys")
+    with cross_org(reason="find the seeded orgs by slug"):
+        demo = Org.get(Org.slug == "demo-travel")
+        acme = Org.get(Org.slug == "acme-journeys")
     demo_names = {d.name for d in Destination.select(org_id=demo.id)}
     acme_names = {d.name for d in Destination.select(org_id=acme.id)}
     assert "Lisbon" in demo_names and "Lisbon" in acme_names

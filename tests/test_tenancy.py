@@ -26,6 +26,7 @@ from tenantdb.models import (
     IdempotencyKey,
     Itinerary,
     KnowledgeItem,
+    Org,
     User,
 )
 from tenantdb.tenancy import TenantModel, cross_org, execute_scoped, prefetch
@@ -477,8 +478,8 @@ def test_cross_org_sees_all_orgs_and_is_gone_after(twins: Twins) -> None:
     with cross_org(reason="test: count both orgs"):
         assert Destination.select().where(Destination.id == IDS["destination"]).count() == 2
         query = Destination.select().where(Destination.id == IDS["destination"])
-    with cross_org(reason="test: run it again"):
-        assert query.count() == 2  # the permission is where the query runs...
+    with pytest.raises(UnscopedQueryError):
+        query.count()  # no permission travels with the query: outside the block, refused
     with pytest.raises(MissingOrgError):
         Destination.select()
 
@@ -496,3 +497,109 @@ def test_agent_run_json_round_trips_within_org(twins: Twins) -> None:
     run = AgentRun.get_by_id(IDS["run"], org_id=twins.b)
     assert run.intent == {"org": str(twins.b)}
     assert IdempotencyKey.get(org_id=twins.a, key="same-key").org_id == twins.a
+
+
+# -- the tenant root: every Peewee entry point of Org ----------------------------------------
+
+# Each public entry point of Org either is refused outside cross_org (unscoped reads, and
+# every insert or delete: creating and deleting orgs is admin work), or is scoped by the
+# org's own id (then it acts as that org).
+ORG_REFUSED: dict[str, Callable[[Twins], Any]] = {
+    "select": lambda t: list(Org.select()),
+    "get": lambda t: Org.get(Org.slug.startswith("twin-")),
+    "get_or_none": lambda t: Org.get_or_none(Org.name == "Twin B"),
+    "get_or_create": lambda t: Org.get_or_create(slug="x", defaults={"name": "x"}),
+    "filter": lambda t: list(Org.filter(name="Twin B")),
+    "__iter__": lambda t: list(Org),
+    "__len__": lambda t: len(Org),
+    "raw": lambda t: list(Org.raw("SELECT * FROM org")),
+    "alias": lambda t: list(Org.alias().select()),
+    "update": lambda t: Org.update(name="x").execute(),
+    "delete": lambda t: Org.delete().where(Org.id == t.b).execute(),
+    "delete_by_id": lambda t: Org.delete_by_id(t.b),
+    "__delitem__": lambda t: Org.__delitem__(t.b),
+    "delete_instance": lambda t: Org.get_by_id(t.b).delete_instance(),
+    "insert": lambda t: Org.insert(name="x", slug="x").execute(),
+    "create": lambda t: Org.create(name="x", slug="x"),
+    "insert_many": lambda t: Org.insert_many([{"name": "x", "slug": "x"}]).execute(),
+    "insert_from": lambda t: Org.insert_from(
+        Org.select(Org.name, Org.slug, org_id=t.a), [Org.name, Org.slug]).execute(),
+    "replace": lambda t: Org.replace(id=t.b, name="x", slug="x").execute(),
+    "replace_many": lambda t: Org.replace_many([{"id": t.b, "name": "x",
+                                                  "slug": "x"}]).execute(),
+    "bulk_create": lambda t: Org.bulk_create([Org(name="x", slug="x")]),
+    "bulk_update": lambda t: Org.bulk_update([Org.get_by_id(t.b)], fields=[Org.name]),
+    "create_table": lambda t: Org.create_table(safe=False),
+    "drop_table": lambda t: Org.drop_table(safe=False),
+    "truncate_table": lambda t: Org.truncate_table(),
+}
+ORG_SCOPED: dict[str, Callable[[Twins], Any]] = {
+    "get_by_id": lambda t: Org.get_by_id(t.a),
+    "__getitem__": lambda t: Org[t.a],
+    "__contains__": lambda t: t.a in Org,
+    "set_by_id": lambda t: Org.set_by_id(t.a, {"name": "A2"}),
+    "__setitem__": lambda t: Org.__setitem__(t.a, {"name": "A2"}),
+    "save": lambda t: Org.get_by_id(t.a).save(),
+    "noop": lambda t: list(Org.noop()),
+}
+
+
+def test_every_org_entry_point_is_refused_scoped_or_harmless() -> None:
+    public = {n for n in dir(peewee.Model) if not n.startswith("_")}
+    shortcuts = {"__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__",
+                 "__iter__"}
+    untested = (public | shortcuts) - HARMLESS - set(ORG_REFUSED) - set(ORG_SCOPED)
+    assert untested == set(), f"Org entry points without a tenancy test: {untested}"
+
+
+@pytest.mark.parametrize("name", sorted(ORG_REFUSED))
+def test_org_entry_point_is_refused(twins: Twins, tenant_db: TenantDatabase,
+                                    name: str) -> None:
+    # Peewee itself refuses replace() on PostgreSQL (a ValueError, before any SQL).
+    refusal = (TenancyError, ValueError) if name.startswith("replace") else TenancyError
+    with pytest.raises(refusal), tenant_db.atomic():
+        ORG_REFUSED[name](twins)
+    with cross_org(reason="test: both orgs are intact"):
+        assert {o.name for o in Org.select().where(Org.id.in_([twins.a, twins.b]))} == {
+            "Twin A", "Twin B"}
+    b_unchanged(twins)
+
+
+@pytest.mark.parametrize("name", sorted(ORG_SCOPED))
+def test_org_entry_point_is_scoped_by_the_org_id(twins: Twins, name: str) -> None:
+    ORG_SCOPED[name](twins)
+    assert Org.get_by_id(twins.b).name == "Twin B"
+    b_unchanged(twins)
+
+
+# -- tenantdb's own entry points -------------------------------------------------------------
+
+# Every public function of these modules that runs statements, and the tests that hold it
+# to its org (in this module or tests/test_isolation.py).
+OWN_ENTRY_POINTS = {
+    "tenantdb.orgs.create_org": "test_create_org_validates_before_sql",
+    "tenantdb.orgs.delete_org": "test_delete_org_purges_children_first_and_counts",
+    "tenantdb.tenancy.execute_scoped": "test_execute_scoped_refuses_setting_changes",
+    "tenantdb.tenancy.prefetch": "test_prefetch_loads_children_and_parents_of_own_org",
+    "tenantdb.context.cross_org": "test_generator_suspended_inside_cross_org_grants_nothing_"
+                                  "to_its_consumer",
+    "tenantdb.retention.get_stale_agent_runs":
+        "test_retention_selector_rewritten_reads_no_other_org",
+    "playhouse.postgres_ext.ServerSide": "test_server_side_cursor_is_server_side",
+}
+
+
+def test_own_entry_points_each_have_an_isolation_test() -> None:
+    import importlib
+
+    import test_isolation
+
+    from tenantdb import orgs
+
+    assert set(orgs.__all__) - {"DEFAULT_BATCH_SIZE"} <= {
+        name.rsplit(".", 1)[1] for name in OWN_ENTRY_POINTS}
+    tests = set(vars(test_isolation)) | set(globals())
+    for dotted, test in OWN_ENTRY_POINTS.items():
+        module, name = dotted.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), name))
+        assert test in tests, f"{dotted}: no test {test}"

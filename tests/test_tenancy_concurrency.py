@@ -12,7 +12,8 @@ import pytest
 
 from tenantdb import db
 from tenantdb.errors import MissingOrgError
-from tenantdb.models import Destination, Org
+from tenantdb.models import Destination
+from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.settings import override_settings
 from tenantdb.tenancy import cross_org, cross_org_reason, execute_scoped
@@ -26,7 +27,7 @@ def small_pool(tenantdb_committed: db.TenantDatabase,
     """Four orgs with 3 rows each (same names everywhere), served by a pool of 3."""
     orgs = []
     for n in range(4):
-        org = Org.create(name=f"Org {n}", slug=f"c{n}-{uuid.uuid4().hex[:8]}").id
+        org = create_org(f"Org {n}", f"c{n}-{uuid.uuid4().hex[:8]}").id
         Destination.insert_many([{"name": f"d{i}"} for i in range(3)], org_id=org).execute()
         orgs.append(org)
     db.close()

@@ -10,7 +10,8 @@ import peewee
 import pytest
 
 from tenantdb.errors import CrossOrgError, MissingOrgError, UnknownUserError
-from tenantdb.models import Destination, Org
+from tenantdb.models import Destination
+from tenantdb.orgs import create_org
 from tenantdb.ratelimit import RateLimitReason, RateLimitResult
 from tenantdb.web import (
     PROBLEM_JSON,
@@ -132,12 +133,11 @@ def test_unrelated_errors_are_not_mapped() -> None:
 
 
 def test_unique_conflict_is_409_and_missing_reference_404(tenant_db: object) -> None:
-    Org.create(name="A", slug="same-slug")
+    org = create_org("A", "same-slug").id
     with pytest.raises(peewee.IntegrityError) as unique, tenant_db.atomic():  # type: ignore[attr-defined]
-        Org.create(name="B", slug="same-slug")
+        create_org("B", "same-slug")
     conflict = error_response(unique.value)
     assert conflict is not None and conflict.status == 409
-    org = Org.get(Org.slug == "same-slug").id
     from tenantdb.models import Itinerary
 
     with pytest.raises(peewee.IntegrityError) as dangling, tenant_db.atomic():  # type: ignore[attr-defined]

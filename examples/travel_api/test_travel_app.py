@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from travel_app import app
 
 from tenantdb.knowledge import add_knowledge
-from tenantdb.models import AgentRun, Destination, Itinerary, Org, User
+from tenantdb.models import AgentRun, Destination, Itinerary, User
+from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestRedis
 
 
@@ -62,7 +63,7 @@ def test_trip_without_key_is_400(client: TestClient, headers: dict[str, str]) ->
 
 def test_other_orgs_trip_is_404(client: TestClient, headers: dict[str, str]) -> None:
     trip = _trip(client, headers, "k-3").json()
-    other = Org.create(name="Other", slug=f"other-{uuid.uuid4().hex[:8]}")
+    other = create_org("Other", f"other-{uuid.uuid4().hex[:8]}")
     stranger = User.create(org_id=other.id, email="bo@example.com")
     theirs = {"X-Org-Id": str(other.id), "X-User-Id": str(stranger.id)}
     assert client.get(f"/trips/{trip['id']}", headers=headers).status_code == 200
@@ -71,7 +72,7 @@ def test_other_orgs_trip_is_404(client: TestClient, headers: dict[str, str]) -> 
 
 
 def test_user_of_another_org_is_refused(client: TestClient, headers: dict[str, str]) -> None:
-    other = Org.create(name="Other", slug=f"other-{uuid.uuid4().hex[:8]}")
+    other = create_org("Other", f"other-{uuid.uuid4().hex[:8]}")
     assert client.get("/destinations", headers={**headers, "X-Org-Id": str(other.id)}
                       ).status_code == 403
     assert client.get("/destinations", headers={"X-User-Id": headers["X-User-Id"]}
