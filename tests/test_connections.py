@@ -18,6 +18,7 @@ from typing import Any
 
 import peewee
 import psycopg2
+import psycopg2.errors
 import pytest
 from conftest import PYTHON, cli_env
 from playhouse.pool import MaxConnectionsExceeded
@@ -31,6 +32,7 @@ from tenantdb.errors import (
     StatementTimeoutError,
     TenancyError,
     TenantDBError,
+    UnscopedQueryError,
 )
 from tenantdb.models import Destination, Org
 from tenantdb.orgs import create_org
@@ -379,7 +381,7 @@ def test_unavailable_database_names_host_and_database_never_the_password(
         tenantdb_committed: db.TenantDatabase, tenantdb_database: TestDatabase) -> None:
     with bound(DEAD_URL, tenantdb_database.url, connect_timeout_s=2), \
             pytest.raises(DatabaseUnavailableError) as caught:
-        Org.select().count()
+        Org.select(org_id=uuid.uuid4()).count()
     error = caught.value
     assert isinstance(error, peewee.OperationalError) and isinstance(error, TenantDBError)
     assert isinstance(error.__cause__, psycopg2.OperationalError)
@@ -469,11 +471,15 @@ def test_application_connections_log_in_as_the_application_login(
     database = tenantdb_committed
     assert database.execute_sql("SELECT current_user, session_user").fetchone() == (
         "tenantdb_app", "tenantdb_app")
+    with pytest.raises(UnscopedQueryError, match="RESET"):
+        database.execute_sql("RESET ROLE")  # the Python layer refuses it first
     with database.atomic():
-        database.execute_sql("RESET ROLE")
-        assert database.execute_sql("SELECT current_user").fetchone() == ("tenantdb_app",)
-        with pytest.raises(peewee.ProgrammingError, match="permission denied"):
-            database.execute_sql("SET ROLE postgres")
+        cur = database.connection().cursor()  # the raw driver: the database wall alone
+        cur.execute("RESET ROLE")
+        cur.execute("SELECT current_user")
+        assert cur.fetchone() == ("tenantdb_app",)
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cur.execute("SET ROLE postgres")
 
 
 def test_cross_org_runs_on_the_admin_login_and_its_transactions_too(
