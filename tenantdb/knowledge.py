@@ -546,51 +546,67 @@ def _check_embedder(embedder: Embedder) -> None:
 
 
 def _hit(row: Sequence[Any]) -> KnowledgeHit:
-    embedding_values = row[:7]
-    item_values = row[7:15]
-    org = embedding_values[0]
-    embedding = _model(Embedding, {"vector": None,
-                                   **dict(zip(_EMBEDDING_FIELDS, embedding_values, strict=True))})
-    item = _model(KnowledgeItem,
-                  {"org_id": org, **dict(zip(_ITEM_FIELDS, item_values, strict=True))})
+    org = row[0]
+    embedding = _stored(Embedding, _EMBEDDING_FIELDS, row[:7])
+    embedding.__data__["vector"] = None
+    item = _stored(KnowledgeItem, ("org_id", *_ITEM_FIELDS), (org, *row[7:15]))
     return KnowledgeHit(item=item, embedding=embedding, distance=float(row[15]))
 
 
-def _model(model: type[Any], values: Mapping[str, Any]) -> Any:
-    """A row as Peewee itself builds it from a cursor: values converted, marked as stored."""
+def _stored(model: type[Any], names: Sequence[str], values: Sequence[Any]) -> Any:
+    """A row as Peewee builds it from a cursor: values converted, nothing dirty.
+
+    Filled in directly rather than through ``Model(**values)``: its per-field setattr
+    made building ten hits cost as much as a small org's whole exact scan.
+    """
     fields = model._meta.fields
-    converted = {name: (value if value is None else fields[name].python_value(value))
-                 for name, value in values.items()}
-    return model(__no_default__=True, **converted)
+    instance: Any = object.__new__(model)
+    instance.__data__ = {name: (value if value is None else fields[name].python_value(value))
+                         for name, value in zip(names, values, strict=True)}
+    instance._dirty = set()
+    instance.__rel__ = {}
+    return instance
 
 
 def _vector_literal(values: object, name: str) -> str:
     """``values`` in pgvector's text form, checked by :func:`_check_vector`."""
-    return "[" + ",".join(map(repr, _check_vector(values, name))) + "]"
+    # 9 significant digits give back every float32 exactly; one %-format runs in C.
+    return _LITERAL_TEMPLATE % tuple(_check_vector(values, name))
 
 
-def _check_vector(values: object, name: str) -> list[float]:
-    """``values`` as floats, or ValueError naming what is wrong."""
+_LITERAL_TEMPLATE = "[" + ",".join(["%.9g"] * EMBEDDING_DIMENSIONS) + "]"
+
+
+def _check_vector(values: object, name: str) -> array.array[float]:
+    """``values`` as the float32 values pgvector will hold, or ValueError naming what is
+    wrong.
+
+    Every check runs in C over the whole vector (array, max, hypot): validating 1,536
+    values one by one in Python cost more than the exact scan of a small org.
+    """
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be a sequence of {EMBEDDING_DIMENSIONS} floats, "
                          f"got {type(values).__name__}")
-    floats = []
-    for value in values:
-        if not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} holds a {type(value).__name__}: only numbers")
-        floats.append(float(value))
-    if len(floats) != EMBEDDING_DIMENSIONS:
-        raise ValueError(f"{name} has {len(floats)} dimensions; embedding.vector has "
+    tolist = getattr(values, "tolist", None)  # numpy arrays: Python floats in one C call
+    items = tolist() if callable(tolist) else values
+    try:
+        doubles = array.array("d", items if isinstance(items, Iterable) else values)
+    except TypeError:
+        culprit = next((v for v in values if not isinstance(v, numbers.Real)), None)
+        raise ValueError(f"{name} holds a {type(culprit).__name__}: only numbers") from None
+    if len(doubles) != EMBEDDING_DIMENSIONS:
+        raise ValueError(f"{name} has {len(doubles)} dimensions; embedding.vector has "
                          f"{EMBEDDING_DIMENSIONS}: embed with a {EMBEDDING_DIMENSIONS}-dim model")
-    if not all(math.isfinite(x) and abs(x) <= _FLOAT32_MAX for x in floats):
+    stored = array.array("f", doubles)  # what pgvector will hold: beyond float32 is inf
+    norm = math.hypot(*stored)  # NaN or inf if any value is
+    if not math.isfinite(norm):
         raise ValueError(f"{name} holds NaN or infinite values (or beyond float32)")
-    if not any(floats):
-        raise ValueError(f"{name} is all zeros: cosine distance to it is undefined")
-    _check_norm(floats, name)
-    return floats
+    _check_norm(doubles, stored, norm, name)
+    return stored
 
 
-def _check_norm(floats: list[float], name: str) -> None:
+def _check_norm(doubles: array.array[float], stored: array.array[float], norm: float,
+                name: str) -> None:
     """Refuse a vector whose norm pgvector cannot compute in float32.
 
     pgvector stores float32 and sums squares in float32: a component below ~1.4e-45 becomes
@@ -598,16 +614,16 @@ def _check_norm(floats: list[float], name: str) -> None:
     beyond ~3.4e38 is infinite. Either way the cosine distance is NaN (or the stored
     vector zero), so the largest square must be a normal float32 and the sum finite.
     """
-    stored = array.array("f", floats)  # what pgvector will hold
-    largest = max(abs(x) for x in stored)
-    squares = math.fsum(x * x for x in stored)
+    largest = max(map(abs, stored))
+    if largest == 0.0 and not any(doubles):
+        raise ValueError(f"{name} is all zeros: cosine distance to it is undefined")
     if largest * largest < _FLOAT32_MIN_NORMAL:
         raise ValueError(f"{name} is too small (largest |value| {largest:.3g}): its norm "
                          "underflows in float32 and cosine distances to it would be NaN; "
                          "normalise it to length 1")
-    if squares > _FLOAT32_MAX:
-        raise ValueError(f"{name} is too large (norm {math.sqrt(squares):.3g}): its squared "
-                         "norm overflows float32; normalise it to length 1")
+    if norm * norm > _FLOAT32_MAX:
+        raise ValueError(f"{name} is too large (norm {norm:.3g}): its squared norm "
+                         "overflows float32; normalise it to length 1")
 
 
 def _check_k(k: object) -> None:
@@ -640,5 +656,5 @@ def _embed(embedder: Embedder, texts: list[str]) -> list[list[float]]:
     if len(vectors) != len(texts):
         raise ValueError(f"embedder {embedder.name!r} returned {len(vectors)} vectors for "
                          f"{len(texts)} chunks")
-    return [_check_vector(vector, f"chunk {index}'s vector")
+    return [_check_vector(vector, f"chunk {index}'s vector").tolist()
             for index, vector in enumerate(vectors)]
