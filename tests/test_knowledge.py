@@ -2,9 +2,10 @@
 
 A module-scoped synthetic set (3,000 clustered 1536-dim vectors over four orgs of 50 %, 6 %,
 2 % and the rest) is copied in once as the owner and analysed, so the strategy choice is
-deterministic. On the embedded server (pgvector 0.8) only the 50 % org is above the
-exact-scan threshold; the strategies are also forced one by one (fixture ``strategy``),
-including pgvector < 0.8's rule on the same server. The ground truth is numpy brute force.
+deterministic. Every org here is below pgvector 0.8's exact-scan floor (2,000 rows), so the
+tests that need the HNSW path lower it, and the strategies are forced one by one
+(``force``), including pgvector < 0.8's rule on the same server. The ground truth is numpy
+brute force.
 """
 
 from __future__ import annotations
@@ -194,7 +195,9 @@ def test_search_of_an_org_without_embeddings_is_empty(org_id: uuid.UUID) -> None
 
 
 def test_large_org_gets_exactly_k_hits_through_hnsw(corpus: Corpus, tenant_db: TenantDatabase,
-                                                     sql_log: StatementLog) -> None:
+                                                     sql_log: StatementLog,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 1000)  # 1,500 rows: HNSW
     for name in ("large", "mid"):
         for q in corpus.queries[:4]:
             assert len(search_knowledge(corpus.orgs[name], q, 10)) == 10
@@ -382,6 +385,7 @@ def test_threshold_is_injectable(corpus: Corpus, tenant_db: TenantDatabase,
 def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
     assert knowledge.exact_scan_rows(-1) == knowledge.EXACT_SCAN_MIN_ROWS
     assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 1264)
+    assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 2529)
     assert knowledge.exact_scan_rows(4_000_000) == 8000
 
 
