@@ -33,8 +33,9 @@ lint: $(STAMP)
 
 check: lint test
 
+# Stops at the first script that fails, and fails itself (set -e holds inside the loop).
 bench: $(STAMP)
-	@for script in bench/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in bench/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 dev-down: $(STAMP)
 	$(BIN)/tenantdb dev down

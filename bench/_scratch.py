@@ -1,7 +1,8 @@
-"""A scratch database for a benchmark run, shared by the bench scripts.
+"""Scratch servers and databases for a benchmark run, shared by the bench scripts.
 
-On TENANTDB_DATABASE_URL's server if set, else on an embedded server in a temporary folder
-(stopped and removed afterwards). The database is created empty and dropped at the end.
+On the owner URL's server (TENANTDB_OWNER_DATABASE_URL, else TENANTDB_DATABASE_URL) if set,
+else on an embedded server in a temporary folder (stopped and removed afterwards). Each
+database is created empty and dropped at the end.
 """
 
 from __future__ import annotations
@@ -14,30 +15,60 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from psycopg2 import sql
+
 from tenantdb import db, embedded
 from tenantdb.db import execute_once as admin
 from tenantdb.settings import get_settings
 
+__all__ = ["scratch_database", "scratch_server"]
+
 
 @contextmanager
-def scratch_database(*, shared_buffers: str | None = None, keep: bool = False) -> Iterator[str]:
-    """Yield the URL of a new empty database.
+def scratch_server(*, shared_buffers: str | None = None, keep: bool = False) -> Iterator[str]:
+    """Yield the URL of a server's maintenance database to create scratch databases on.
 
-    :param shared_buffers: for an embedded server, restart it with this ``shared_buffers``
-        (its default is 128 MB) so that a large data set stays in memory.
-    :param keep: leave the database (and the embedded server) behind for inspection.
+    :param shared_buffers: for an embedded server, restart it (in this process) with this
+        ``shared_buffers`` (its default is 128 MB) so that a large data set stays in memory.
+    :param keep: leave the embedded server running for inspection.
     """
-    home = None
-    server = get_settings().owner_database_url or get_settings().database_url
-    if server is None:
-        home = Path(tempfile.mkdtemp(prefix="tdb-bench-"))
+    # Scratch databases are the owner's work (CREATE DATABASE, migrations).
+    configured = get_settings().owner_database_url or get_settings().database_url
+    if configured is not None:
+        yield configured
+        return
+    home = Path(tempfile.mkdtemp(prefix="tdb-bench-"))
+    try:
         server = embedded.start(home).owner_database_url
         if shared_buffers is not None:
-            admin(server, f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
+            admin(server, sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(
+                sql.Literal(shared_buffers)))
             embedded.stop(home)
             server = embedded.start(home).owner_database_url
+        yield server
+    finally:
+        if keep:
+            print(f"kept the embedded server under {home}")
+        else:
+            embedded.stop(home)
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def scratch_database(server: str | None = None, *, shared_buffers: str | None = None,
+                     keep: bool = False) -> Iterator[str]:
+    """Yield the URL of a new empty database on ``server`` (default: a scratch server).
+
+    :param shared_buffers: see :func:`scratch_server` (only without ``server``).
+    :param keep: leave the database (and an embedded server) behind for inspection.
+    """
+    if server is None:
+        with (scratch_server(shared_buffers=shared_buffers, keep=keep) as started,
+              scratch_database(started, keep=keep) as url):
+            yield url
+        return
     name = f"tenantdb_bench_{uuid.uuid4().hex[:8]}"
-    admin(server, f"CREATE DATABASE {name}")
+    admin(server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield urlsplit(server)._replace(path=f"/{name}").geturl()
     finally:
@@ -45,7 +76,5 @@ def scratch_database(*, shared_buffers: str | None = None, keep: bool = False) -
         if keep:
             print(f"kept {name} on {server}")
         else:
-            admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            if home is not None:
-                embedded.stop(home)
-                shutil.rmtree(home, ignore_errors=True)
+            admin(server, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))

