@@ -73,7 +73,8 @@ def check_schema(url: str | None = None) -> list[Violation]:
     conn = psycopg2.connect(url or database_url())
     try:
         with conn.cursor() as cur:
-            return [*_table_violations(cur), *_role_violations(cur)]
+            return [*_table_violations(cur), *_role_violations(cur),
+                    *_distribution_violations(conn)]
     finally:
         conn.close()
 
@@ -129,3 +130,12 @@ def _role_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
     inherits = cur.fetchone()
     if inherits and inherits[0]:
         yield Violation(APP_ROLE, f"inherits {ADMIN_ROLE}, so its bypass policy always applies")
+
+
+def _distribution_violations(conn: psycopg2.extensions.connection) -> Iterator[Violation]:
+    """On a Citus coordinator: tenant tables distributed by org_id, colocated; org a
+    reference table. Nothing on plain PostgreSQL."""
+    from .citus import distribution_issues
+
+    for issue in distribution_issues(conn):
+        yield Violation(issue.table, issue.problem)

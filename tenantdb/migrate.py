@@ -9,6 +9,7 @@ refusal of destructive forward migrations, ``info`` as data, and undo scripts (k
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -41,6 +42,8 @@ __all__ = [
     "migrate",
     "parse_version",
 ]
+
+log = logging.getLogger(__name__)
 
 # The package is installed as plain files (no zip imports), so its folders are real paths
 # that pyway can list.
@@ -171,7 +174,17 @@ def migrate(url: str | None = None) -> list[str]:
     with _locked_connection(url) as conn:
         before = {m.version for m in _history(conn)}
         _run_pyway("migrate", url)
-        return [m.name for m in _history(conn) if m.version not in before]
+        applied = [m.name for m in _history(conn) if m.version not in before]
+        _after_migrations(conn)
+        return applied
+
+
+def _after_migrations(conn: psycopg2.extensions.connection) -> None:
+    """On a Citus coordinator, distribute the schema (a no-op elsewhere); under the lock."""
+    from .citus import distribute
+
+    for change in distribute(conn):
+        log.info("citus: %s", change)
 
 
 def info(url: str | None = None) -> list[MigrationInfo]:
