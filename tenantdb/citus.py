@@ -23,6 +23,8 @@ tables distributed and a rerun distributes the rest; the migration lock serialis
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +39,14 @@ from .errors import ConfigurationError, MigrationError
 __all__ = [
     "DISTRIBUTION_COLUMN",
     "REFERENCE_TABLES",
+    "SHARD_ROWS_TTL_S",
     "DistributionIssue",
+    "cached_table_rows",
     "create_database",
     "distribute",
     "distribution_issues",
     "drop_database",
+    "forget_engines",
     "is_coordinator",
     "register_workers",
     "table_rows",
@@ -89,6 +94,7 @@ KEYS_TOUCHING_SQL = """
 """
 DROP_KEY_SQL = "ALTER TABLE {} DROP CONSTRAINT {}"
 ADD_KEY_SQL = "ALTER TABLE {} ADD CONSTRAINT {} {}"
+_SET_ACTION = re.compile(r"\s+ON DELETE SET (NULL|DEFAULT)(\s*\([^)]*\))?", re.IGNORECASE)
 SEQUENTIAL_SQL = "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"
 CREATE_REFERENCE_SQL = "SELECT create_reference_table(%s)"
 CREATE_DISTRIBUTED_SQL = "SELECT create_distributed_table(%s, %s, colocate_with => %s)"
@@ -149,8 +155,10 @@ def is_coordinator(conn: psycopg2.extensions.connection) -> bool:
 
 
 def forget_engines() -> None:
-    """Forget what :func:`is_coordinator` found (a database dropped and re-created)."""
+    """Forget what :func:`is_coordinator` found (a database dropped and re-created) and
+    the cached table sizes."""
     _cache.clear()
+    _rows_cache.clear()
 
 
 # -- distribution -------------------------------------------------------------------------
@@ -207,8 +215,12 @@ def distribute(conn: psycopg2.extensions.connection) -> list[str]:
                             (table, DISTRIBUTION_COLUMN, group or COLOCATE_FIRST), table)
                 group = group or table
                 done.append(f"{table}: distributed by {DISTRIBUTION_COLUMN}")
-            for table, name, definition in keys:
+            for table, name, original in keys:
                 # The definition comes from pg_get_constraintdef: the database's own text.
+                definition, dropped = _citus_key(original)
+                if dropped:
+                    done.append(f"{table}.{name}: {dropped} left out (Citus refuses it "
+                                "on a key holding org_id): unlink before deleting the parent")
                 _citus_call(cur, sql.SQL(ADD_KEY_SQL).format(
                     sql.Identifier(table), sql.Identifier(name), sql.SQL(definition)),
                     (), f"{table} (foreign key {name})")
@@ -247,6 +259,30 @@ def table_rows(cursor: Any, table: str) -> float | None:
     cursor.execute(SHARD_ROWS_SQL, (table,))
     total, never_analysed = cursor.fetchone()
     return -1.0 if never_analysed else float(total)
+
+
+#: How long a size summed from the shards is reused: the search only compares an org's
+#: rows with a fraction of the table, and asking every shard costs a round trip to each.
+SHARD_ROWS_TTL_S = 60.0
+_rows_cache: dict[tuple[str | None, int | None, str | None, str], tuple[float, float]] = {}
+
+
+def cached_table_rows(conn: psycopg2.extensions.connection, table: str) -> float | None:
+    """:func:`table_rows`, reused for :data:`SHARD_ROWS_TTL_S` seconds per database."""
+    if not is_coordinator(conn):
+        return None
+    info = conn.info
+    key = (info.host, info.port, info.dbname, table)
+    now = time.monotonic()
+    hit = _rows_cache.get(key)
+    if hit is not None and now - hit[0] < SHARD_ROWS_TTL_S:
+        return hit[1]
+    with conn.cursor() as cur:
+        rows = table_rows(cur, table)
+    if rows is None:
+        return None
+    _rows_cache[key] = (now, rows)
+    return rows
 
 
 # -- databases on every node ----------------------------------------------------------------
@@ -331,6 +367,15 @@ def _issues(tenant: Iterable[str], known: dict[str, _Partition]) -> Iterator[Dis
             for table in tables:
                 yield DistributionIssue(table, f"is in colocation group {group}, apart from "
                                                "the other tenant tables")
+
+
+def _citus_key(definition: str) -> tuple[str, str | None]:
+    """``definition`` without an ``ON DELETE SET NULL/SET DEFAULT (cols)`` action, which
+    Citus refuses when the key holds the distribution column, and the action removed."""
+    match = _SET_ACTION.search(definition)
+    if match is None:
+        return definition, None
+    return definition[:match.start()] + definition[match.end():], match.group(0).strip()
 
 
 def _is_reference(info: _Partition | None) -> bool:

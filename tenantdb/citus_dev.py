@@ -234,10 +234,21 @@ def _run_all(commands: list[list[str]], root: Path) -> None:
     for cmd, proc in zip(commands, procs, strict=True):
         out, _ = proc.communicate(timeout=_START_TIMEOUT_S + 10)
         if proc.returncode != 0:
-            failures.append(f"{Path(cmd[0]).name} failed ({out.strip()[-300:]}); "
+            failures.append(f"{Path(cmd[0]).name} failed ({out.strip()[-300:]}){_log_tail(cmd)}; "
                             f"see the logs in {root}")
     if failures:
         raise ConfigurationError("; ".join(failures))
+
+
+def _log_tail(cmd: list[str]) -> str:
+    """The last line a node logged, when ``cmd`` named a log (``pg_ctl -l``): the reason.
+    A Citus built for a newer minor release fails here with "undefined symbol": upgrade
+    the server package (apt-get install postgresql-15)."""
+    if "-l" not in cmd:
+        return ""
+    with contextlib.suppress(OSError, IndexError):
+        return ": " + Path(cmd[cmd.index("-l") + 1]).read_text().strip().splitlines()[-1]
+    return ""
 
 
 def _free_ports(count: int) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,6 +16,7 @@ from psycopg2 import sql
 
 from .context import cross_org_reason
 from .errors import ConfigurationError, UnscopedQueryError
+from .scoping import run_scoped
 from .settings import Settings, get_settings
 from .verifier import Verdict, mentions_tenant_table, verify
 
@@ -35,9 +36,8 @@ __all__ = [
 APP_ROLE = "tenantdb_app"
 #: The role cross_org() statements take, for their transaction only.
 ADMIN_ROLE = "tenantdb_admin"
-# Sent in the same round trip as the statement; the third argument makes both settings
-# transaction-local. The role is restated because a cross_org statement earlier in the same
-# transaction may have switched it.
+# Scoped statements restate the role (tenantdb.scoping) because a cross_org statement
+# earlier in the same transaction may have switched it. This is the plain-PostgreSQL form.
 SCOPE_PREFIX_SQL = (
     "SELECT set_config('role', %s, true), set_config('tenantdb.org_id', %s, true); "
 )
@@ -99,20 +99,25 @@ class TenantDatabase(PooledPostgresqlExtDatabase):  # type: ignore[misc]
             )
         return self._run(sql, params)
 
-    def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None) -> Any:
-        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds)."""
-        return self._run(sql, params, org=org)
+    def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None, *,
+                           settings: Mapping[str, str] | None = None) -> Any:
+        """Run raw ``sql`` with ``org`` (and ``settings``, e.g. ``hnsw.ef_search``) set for
+        its transaction (row-level security holds)."""
+        return self._run(sql, params, org=org, settings=settings)
 
     def _run(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
-             admin: bool = False) -> Any:
+             admin: bool = False, settings: Mapping[str, str] | None = None) -> Any:
         state = self._state.__dict__
         if admin:
             sql, params = ROLE_PREFIX_SQL + sql, (ADMIN_ROLE, *(params or ()))
             # SET LOCAL lasts until the transaction ends: remember to take the role back.
             state["tenantdb_admin_role"] = self.in_transaction()
         elif org is not None:
-            sql, params = SCOPE_PREFIX_SQL + sql, (APP_ROLE, str(org), *(params or ()))
             state["tenantdb_admin_role"] = False
+            # The one hook of tenantdb.scoping: how the org (and settings) reach every node
+            # that runs the statement (Citus workers included).
+            return run_scoped(self, super().execute_sql, sql, params, org,
+                              settings=settings, role=APP_ROLE)
         elif state.get("tenantdb_admin_role") and not _TRANSACTION_CONTROL.match(sql):
             sql, params = ROLE_PREFIX_SQL + sql, (APP_ROLE, *(params or ()))
             state["tenantdb_admin_role"] = False

@@ -85,19 +85,20 @@ _FLOAT32_MAX = 3.4028234663852886e38
 # SQL
 # Rows to rank, counted up to one past the exact-scan threshold (or k), and the table's
 # planner row count (-1 before the first ANALYZE). Parameters: org (org, dest), fraction, k.
-_CAP_SQL = ("(SELECT greatest(floor(greatest(reltuples, 0) * %s), %s)::bigint + 1 "
-            "FROM pg_class WHERE oid = 'embedding'::regclass)")
+# On Citus the coordinator's reltuples says nothing (the rows live in shards): the size
+# summed from the shards' statistics comes in as a parameter there, NULL elsewhere.
+_ROWS_SQL = ("(SELECT coalesce(%s::float8, reltuples) FROM pg_class "
+             "WHERE oid = 'embedding'::regclass)")
+_CAP_SQL = f"(SELECT greatest(floor(greatest({_ROWS_SQL}, 0) * %s), %s)::bigint + 1)"
 COUNT_SQL = (
     "SELECT (SELECT count(*) FROM (SELECT 1 FROM embedding WHERE org_id = %s "
-    f"LIMIT {_CAP_SQL}) capped), "
-    "(SELECT reltuples FROM pg_class WHERE oid = 'embedding'::regclass)"
+    f"LIMIT {_CAP_SQL}) capped), {_ROWS_SQL}"
 )
 COUNT_DESTINATION_SQL = (
     "SELECT (SELECT count(*) FROM (SELECT 1 FROM embedding e JOIN knowledge_item i "
     "ON i.org_id = e.org_id AND i.id = e.knowledge_item_id "
     "WHERE e.org_id = %s AND i.org_id = %s AND i.destination_id = %s "
-    f"LIMIT {_CAP_SQL}) capped), "
-    "(SELECT reltuples FROM pg_class WHERE oid = 'embedding'::regclass)"
+    f"LIMIT {_CAP_SQL}) capped), {_ROWS_SQL}"
 )
 # Column order of every search statement; _hit() reads rows in this order. The vector is
 # not fetched: callers want the text, and 1536 floats per hit would travel as text and be
@@ -240,11 +241,14 @@ def add_knowledge(org_id: OrgLike, title: str, content: str, *,
 
 def _count_rows(org: uuid.UUID, k: int, destination: uuid.UUID | None) -> tuple[int, float]:
     """Rows to rank (exact up to the threshold, or k; capped beyond) and the table's size."""
+    shards = _shard_rows()
     if destination is None:
-        row = execute_scoped(org, COUNT_SQL, (org, EXACT_SCAN_FRACTION, k)).fetchone()
+        row = execute_scoped(org, COUNT_SQL,
+                             (org, shards, EXACT_SCAN_FRACTION, k, shards)).fetchone()
     else:
         row = execute_scoped(org, COUNT_DESTINATION_SQL,
-                             (org, org, destination, EXACT_SCAN_FRACTION, k)).fetchone()
+                             (org, org, destination, shards, EXACT_SCAN_FRACTION, k, shards)
+                             ).fetchone()
     return int(row[0]), float(row[1])
 
 
@@ -263,11 +267,32 @@ def _hnsw_search(org: uuid.UUID, vector: str, k: int,
     """Approximate top-k through the HNSW index; may return fewer than k rows."""
     ef = min(HNSW_EF_SEARCH_MAX, max(HNSW_EF_SEARCH, k))
     if destination is None:
-        cursor = execute_scoped(org, HNSW_SQL, (str(ef), vector, org, vector, k))
+        cursor = _execute_with_ef(org, HNSW_SQL, (str(ef), vector, org, vector, k))
     else:
-        cursor = execute_scoped(org, HNSW_DESTINATION_SQL,
-                                (str(ef), vector, org, vector, ef, destination, k))
+        cursor = _execute_with_ef(org, HNSW_DESTINATION_SQL,
+                                  (str(ef), vector, org, vector, ef, destination, k))
     return [_hit(row) for row in cursor.fetchall()]
+
+
+# -- Citus hooks: the table's size from its shards, ef_search on the workers ---------------
+
+
+def _shard_rows() -> float | None:
+    """The embedding table's size summed from its shards on Citus; ``None`` elsewhere."""
+    from .citus import cached_table_rows
+
+    return cached_table_rows(database.connection(), "embedding")
+
+
+def _execute_with_ef(org: uuid.UUID, statement: str, params: tuple[Any, ...]) -> Any:
+    """Run an HNSW statement (``_EF_SQL`` first, ef_search its first parameter). On Citus
+    ``set_config`` stays on the coordinator, so ef_search goes as a propagated SET LOCAL."""
+    from .citus import is_coordinator
+
+    if not is_coordinator(database.connection()):
+        return execute_scoped(org, statement, params)
+    return database.execute_scoped_sql(org, statement[len(_EF_SQL):], params[1:],
+                                       settings={"hnsw.ef_search": params[0]})
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import pytest
 import redis
 from psycopg2 import sql
 
-from . import db, embedded, migrate
+from . import citus, db, embedded, migrate
 from .db import execute_once
 from .idempotency import allow_claims_in_transaction
 from .models import Org
@@ -110,7 +110,9 @@ def tenantdb_database(_tenantdb_servers: _Servers) -> Iterator[TestDatabase]:
     :data:`tenantdb.db.database` and dropped at the end (~0.3 s once per session)."""
     server_url = _tenantdb_servers.postgres_url
     name = TEST_DB_PREFIX + uuid.uuid4().hex[:12]
-    execute_once(server_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    # On a Citus coordinator the database is created on every node (Citus does not
+    # propagate CREATE DATABASE); elsewhere this is a plain CREATE DATABASE.
+    citus.create_database(server_url, name)
     url = _with_database(server_url, name)
     access = _Access()
     try:
@@ -122,8 +124,7 @@ def tenantdb_database(_tenantdb_servers: _Servers) -> Iterator[TestDatabase]:
     finally:
         db.database.access_guard = None
         db.close()
-        execute_once(server_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-               .format(sql.Identifier(name)))
+        citus.drop_database(server_url, name)
 
 
 @pytest.fixture

@@ -1,9 +1,8 @@
 -- tenantdb 0.7: one schema for plain PostgreSQL and Citus.
 -- Citus refuses ON DELETE SET NULL (col) on a foreign key that includes the distribution
--- column (org_id), and both links from itinerary had one. They become plain (NO ACTION)
--- keys: the retention purge unlinks a run's itineraries itself before deleting the run
--- (tenantdb/retention.py), and a destination referenced by itineraries is unlinked by
--- whoever deletes it (deleting it first now fails with a foreign-key error).
+-- column (org_id). The link from itinerary to agent_run becomes a plain (NO ACTION) key:
+-- the retention purge, the one place runs are deleted, unlinks a run's itineraries itself
+-- in the statement that deletes the run (tenantdb/retention.py).
 -- The swap drops and re-adds a constraint, which the destructive-statement check of
 -- `tenantdb migrate` refuses at top level (ALTER ... DROP): it runs inside a DO block,
 -- whose body the check does not read, and only where the old SET NULL action is still in
@@ -19,8 +18,7 @@ DECLARE
 BEGIN
     FOR link IN
         SELECT * FROM (VALUES
-            ('itinerary_agent_run_fkey', 'agent_run_id', 'agent_run'),
-            ('itinerary_destination_fkey', 'destination_id', 'destination')
+            ('itinerary_agent_run_fkey', 'agent_run_id', 'agent_run')
         ) AS l(name, col, parent)
     LOOP
         IF EXISTS (SELECT 1 FROM pg_constraint
