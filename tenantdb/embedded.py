@@ -20,7 +20,8 @@ from urllib.parse import quote
 
 from .errors import ConfigurationError
 
-__all__ = ["EmbeddedUrls", "ServerStatus", "running_urls", "start", "status", "stop"]
+__all__ = ["EmbeddedUrls", "ServerStatus", "running_urls", "start", "start_redis", "status",
+           "stop"]
 
 APP_DATABASE = "tenantdb"
 _STATE_FILE = "servers.json"
@@ -88,6 +89,14 @@ def start(home: Path) -> EmbeddedUrls:
     _ensure_app_database(urls)
     (home / _STATE_FILE).write_text(json.dumps(urls.__dict__, indent=2))
     return urls
+
+
+def start_redis(home: Path) -> str:
+    """Start (or find running) only the embedded Redis under ``home``; returns its URL
+    (``tenantdb dev up --citus`` pairs it with the Citus cluster)."""
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"redis+unix://{_start_redis(home / 'redis')}"
 
 
 def running_urls(home: Path) -> EmbeddedUrls | None:

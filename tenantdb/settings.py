@@ -42,6 +42,8 @@ class Settings:
         plugin creates its per-session database on (else an embedded server).
     :param test_redis_url: ``TENANTDB_TEST_REDIS_URL``: the Redis the plugin uses.
     :param home: ``TENANTDB_HOME``: where ``tenantdb dev up`` keeps its servers.
+    :param pg_bin: ``TENANTDB_PG_BIN``: the bin folder of a PostgreSQL with Citus, for
+        ``tenantdb dev up --citus``.
     """
 
     database_url: str | None = None
@@ -49,6 +51,7 @@ class Settings:
     test_database_url: str | None = None
     test_redis_url: str | None = None
     home: Path = Path(".tenantdb")
+    pg_bin: Path | None = None
     pool_size: int = 10
     pool_timeout_s: int = 10
     connect_timeout_s: int = 5
@@ -74,6 +77,7 @@ class Settings:
             "test_database_url": env.get("TENANTDB_TEST_DATABASE_URL") or None,
             "test_redis_url": env.get("TENANTDB_TEST_REDIS_URL") or None,
             "home": Path(env.get("TENANTDB_HOME") or ".tenantdb"),
+            "pg_bin": Path(env["TENANTDB_PG_BIN"]) if env.get("TENANTDB_PG_BIN") else None,
             "redis_key_prefix": env.get("TENANTDB_REDIS_KEY_PREFIX") or "tenantdb",
         }
         for field, var in _INT_VARS.items():

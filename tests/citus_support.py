@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tenantdb import citus_dev
-from tenantdb.settings import reset_settings
+from tenantdb.settings import get_settings, reset_settings
 
 #: Files of the suite that run against the cluster.
 ON_CITUS = {
@@ -41,14 +41,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "citus: needs a Citus cluster (pytest --citus)")
     if not config.getoption("--citus"):
         return
-    pg_bin = os.environ.get("TENANTDB_PG_BIN")
-    if citus_dev.find_pg_bin(Path(pg_bin) if pg_bin else None) is None:
+    pg_bin = get_settings().pg_bin
+    if citus_dev.find_pg_bin(pg_bin) is None:
         if os.environ.get("TENANTDB_REQUIRE_CITUS"):  # CI: the tests must run
             raise pytest.UsageError(citus_dev.NO_CITUS)
         _skip_reason = citus_dev.NO_CITUS
         return
     _cluster_home = Path(tempfile.mkdtemp(prefix="tenantdb-citus-"))
-    cluster = citus_dev.start(_cluster_home, Path(pg_bin) if pg_bin else None)
+    cluster = citus_dev.start(_cluster_home, pg_bin)
     # The plugin creates its session database through this URL (on every node).
     os.environ["TENANTDB_TEST_DATABASE_URL"] = cluster.url(database="postgres")
     os.environ["TENANTDB_TEST_CITUS_PORTS"] = ",".join(str(p) for p in cluster.ports.values())
