@@ -78,6 +78,10 @@ def load(url: str, rows: int, orgs: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
 
 
 def bind(url: str) -> None:
+    db.close()
+    # connect() re-initialises the database, and Peewee's init() merges the new URL's
+    # parameters into the old ones: a URL without a port would keep the other engine's.
+    db.database.connect_params.clear()
     db.connect(url)
     # The pool's connections count their statements (peewee passes this to psycopg2).
     db.database.connect_params["cursor_factory"] = CountingCursor

@@ -49,6 +49,7 @@ __all__ = [
     "forget_engines",
     "is_coordinator",
     "register_workers",
+    "violated_constraint",
     "table_rows",
 ]
 
@@ -95,6 +96,8 @@ KEYS_TOUCHING_SQL = """
 DROP_KEY_SQL = "ALTER TABLE {} DROP CONSTRAINT {}"
 ADD_KEY_SQL = "ALTER TABLE {} ADD CONSTRAINT {} {}"
 _SET_ACTION = re.compile(r"\s+ON DELETE SET (NULL|DEFAULT)(\s*\([^)]*\))?", re.IGNORECASE)
+_CONSTRAINT_IN_MESSAGE = re.compile(r'violates (?:foreign key|unique|check) constraint "([^"]+)"')
+_SHARD_SUFFIX = re.compile(r"_\d+$")
 SEQUENTIAL_SQL = "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"
 CREATE_REFERENCE_SQL = "SELECT create_reference_table(%s)"
 CREATE_DISTRIBUTED_SQL = "SELECT create_distributed_table(%s, %s, colocate_with => %s)"
@@ -245,6 +248,18 @@ def distribution_issues(conn: psycopg2.extensions.connection) -> list[Distributi
             issues.append(DistributionIssue(table, "is not a reference table (run tenantdb "
                                                    "migrate)"))
     return issues
+
+
+def violated_constraint(error: BaseException) -> str | None:
+    """The name of the constraint ``error`` (a psycopg2 or Peewee error) reports, as the
+    schema names it. On Citus the violation happens on a shard: the driver's diagnostics
+    carry no constraint name, and the message names the shard's copy (``name_102045``)."""
+    orig = getattr(error, "orig", error)
+    name = getattr(getattr(orig, "diag", None), "constraint_name", None)
+    if name is None:
+        found = _CONSTRAINT_IN_MESSAGE.search(str(orig))
+        name = found.group(1) if found else None
+    return None if name is None else _SHARD_SUFFIX.sub("", name)
 
 
 # -- knowledge search: sizes from the shards ------------------------------------------------

@@ -184,7 +184,8 @@ def _after_migrations(conn: psycopg2.extensions.connection) -> None:
     from .citus import distribute
 
     for change in distribute(conn):
-        log.info("citus: %s", change)
+        # A foreign-key action left out changes behaviour: say so where it is seen.
+        (log.warning if "left out" in change else log.info)("citus: %s", change)
 
 
 def info(url: str | None = None) -> list[MigrationInfo]:

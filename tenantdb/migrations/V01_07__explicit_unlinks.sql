@@ -33,3 +33,11 @@ END
 $$;
 
 ALTER ROLE tenantdb_admin LOGIN;
+
+-- The clock of the idempotency statements (tenantdb/idempotency.py). clock_timestamp() is
+-- VOLATILE, which Citus refuses in a statement that writes a distributed table; declared
+-- STABLE, it is read once per statement (on Citus by the coordinator, which sends the
+-- value to the shard), which is how those statements use it: each reads the clock once.
+CREATE OR REPLACE FUNCTION tenantdb_clock() RETURNS timestamptz
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS 'SELECT clock_timestamp()';
