@@ -48,6 +48,9 @@ NOT_ON_CITUS: dict[str, str] = {
     "test_large_org_gets_exactly_k_hits_through_hnsw":
         "asserts the HNSW path; on Citus the shards' size is cached for 60 s, so a table "
         "filled within the test is sized from an earlier reading (the k hits are checked)",
+    "test_a_racer_gets_in_progress_fast_while_the_work_runs":
+        "its 0.1 s bound is for one round trip; on Citus a claim takes three (0.24-0.33 s "
+        "measured on a loaded machine, never blocked by the holder)",
     "test_every_purge_batch_uses_an_index":
         "explains the across-orgs batch, which Citus never runs (purges go org by org)",
     "test_check_flags_an_app_role_that_bypasses_rls": "GRANT ... WITH INHERIT: PostgreSQL 16",
