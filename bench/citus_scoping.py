@@ -32,6 +32,7 @@ from _scratch import scratch_database
 
 from tenantdb import citus, citus_dev, db, migrate
 from tenantdb.models import Destination
+from tenantdb.settings import get_settings
 
 COUNTS = {"executes": 0}
 
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--orgs", type=int, default=50)
     args = parser.parse_args()
+    if citus_dev.find_pg_bin(get_settings().pg_bin) is None:  # `make bench` runs every script
+        print(f"skipped: {citus_dev.NO_CITUS}")
+        return
     with scratch_database() as pg_url, citus_database() as citus_url:
         data = {"postgres": load(pg_url, args.rows, args.orgs),
                 "citus": load(citus_url, args.rows, args.orgs)}
