@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint check bench dev-down clean
+.PHONY: run test test-citus lint check bench dev-down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The Citus run: a coordinator and two workers on loopback (TENANTDB_PG_BIN, or a PostgreSQL
+# with Citus on PATH or in /usr/lib/postgresql/15/bin); skipped with the reason without one.
+test-citus: $(STAMP)
+	$(BIN)/python -m pytest --citus
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

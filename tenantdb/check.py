@@ -151,7 +151,8 @@ def check_schema(url: str | None = None,
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            found = [*_missing_tables(cur), *table_violations(cur), *_role_violations(cur)]
+            found = [*_missing_tables(cur), *table_violations(cur), *_role_violations(cur),
+                     *_distribution_violations(conn)]
     finally:
         conn.close()
     for row in info(url, locations):
@@ -272,3 +273,12 @@ def _root_violations(cur: psycopg2.extensions.cursor) -> Iterator[Violation]:
         yield Violation("org", "row-level security is not enabled (every org is visible)")
     elif not row[1]:
         yield Violation("org", "row-level security is not forced (the owner bypasses it)")
+
+
+def _distribution_violations(conn: psycopg2.extensions.connection) -> Iterator[Violation]:
+    """On a Citus coordinator: tenant tables distributed by org_id, colocated; org a
+    reference table. Nothing on plain PostgreSQL."""
+    from .citus import distribution_issues
+
+    for issue in distribution_issues(conn):
+        yield Violation(issue.table, issue.problem)

@@ -20,7 +20,7 @@ import psycopg2
 import psycopg2.extensions
 from playhouse.pool import MaxConnectionsExceeded
 
-from . import embedded, migrate
+from . import citus_dev, embedded, migrate
 from .db import connect, owner_database_url
 from .errors import TenantDBError
 from .settings import get_settings
@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="embedded PostgreSQL + Redis for development")
     dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("--citus", action="store_true",
+                     help="up: a Citus coordinator + two workers instead of one PostgreSQL")
     dev.set_defaults(handler=_dev)
 
     mig = sub.add_parser("migrate", help="apply (or list, or undo) schema migrations")
@@ -136,6 +138,8 @@ def _import_models(modules: list[str]) -> None:
 
 def _dev(args: argparse.Namespace) -> int:
     home = get_settings().home
+    if args.citus or citus_dev.running_cluster(home) is not None:
+        return _dev_citus(args, home)
     if args.action == "up":
         settings = get_settings()
         if settings.database_url and settings.redis_url:
@@ -153,6 +157,24 @@ def _dev(args: argparse.Namespace) -> int:
     for server in servers:
         state = f"{verb} (pid {server.pid})" if server.pid else "not running"
         print(f"{server.name:<9} {state:<24} {server.path.resolve()}")
+    return 0
+
+
+def _dev_citus(args: argparse.Namespace, home: Path) -> int:
+    """``dev --citus``: the Citus cluster, with the embedded Redis beside it."""
+    if args.action == "up":
+        cluster = citus_dev.start(home, get_settings().pg_bin)
+        redis_url = get_settings().redis_url or embedded.start_redis(home)
+        for line in [*cluster.exports(), f"export TENANTDB_REDIS_URL='{redis_url}'"]:
+            print(line)
+        return 0
+    nodes = citus_dev.stop(home) if args.action == "down" else citus_dev.status(home)
+    if args.action == "down":
+        embedded.stop(home)
+    verb = "stopped" if args.action == "down" else "running"
+    for name, pid, path in nodes:
+        state = f"{verb} (pid {pid})" if pid else "not running"
+        print(f"{name:<12} {state:<24} {path}")
     return 0
 
 

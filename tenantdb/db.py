@@ -13,13 +13,14 @@ Which pool a statement uses is decided when it runs, by :func:`cross_org_reason`
 
 from __future__ import annotations
 
+import functools
 import heapq
 import re
 import select
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -47,6 +48,7 @@ from .errors import (
     TenantDBError,
     UnscopedQueryError,
 )
+from .scoping import run_scoped
 from .settings import Settings, get_settings
 from .verifier import Verdict, check_raw_sql, mentions_tenant_table, verify
 
@@ -70,11 +72,9 @@ __all__ = [
 APP_ROLE = "tenantdb_app"
 #: The role whose policy admits every org (the admin login's, through membership).
 ADMIN_ROLE = "tenantdb_admin"
-# Sent in the same round trip as a scoped statement; `true` makes it transaction-local, so a
-# pooled connection never carries an org into its next transaction.
-ORG_PREFIX_SQL = "SELECT set_config('tenantdb.org_id', %s, true); "
 # Only on a connection pinned by the test harness (logged in as the owner): the role is
-# switched per statement, transaction-locally, in the same round trip.
+# switched per statement, transaction-locally, in the same round trip. Scoped statements
+# carry their org through tenantdb.scoping (one round trip on plain PostgreSQL).
 SCOPE_PREFIX_SQL = (
     "SELECT set_config('role', %s, true), set_config('tenantdb.org_id', %s, true); "
 )
@@ -532,34 +532,37 @@ class TenantDatabase(LoginPool):
         check_raw_sql(sql, scoped=False)
         return self._run(sql, params)
 
-    def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None) -> Any:
-        """Run raw ``sql`` with ``org`` set for its transaction (row-level security holds).
+    def execute_scoped_sql(self, org: uuid.UUID, sql: str, params: Any = None, *,
+                           settings: Mapping[str, str] | None = None) -> Any:
+        """Run raw ``sql`` with ``org`` (and ``settings``, e.g. ``hnsw.ef_search``) set for
+        its transaction (row-level security holds).
 
         :raises UnscopedQueryError: ``sql`` could change the role or the org setting, or is
             not a read or a write (:func:`~tenantdb.verifier.check_raw_sql`).
         """
         check_raw_sql(sql, scoped=True)
-        return self._run(sql, params, org=org, admin=cross_org_reason() is not None)
+        return self._run(sql, params, org=org, admin=cross_org_reason() is not None,
+                         settings=settings)
 
     def _run(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
-             admin: bool = False, retry: bool = False) -> Any:
+             admin: bool = False, retry: bool = False,
+             settings: Mapping[str, str] | None = None) -> Any:
         if self._pin is not None:
             # Test harness: one owner connection, the role taken per statement.
-            if not _TRANSACTION_CONTROL.match(sql):
-                role = ADMIN_ROLE if admin else APP_ROLE
-                if org is not None:
-                    sql, params = SCOPE_PREFIX_SQL + sql, (role, str(org), *(params or ()))
-                else:
-                    sql, params = ROLE_PREFIX_SQL + sql, (role, *(params or ()))
-            return self._statement(sql, params)
-        if admin:
-            side = self._side()
+            role = ADMIN_ROLE if admin else APP_ROLE
             if org is not None:
-                sql, params = ORG_PREFIX_SQL + sql, (str(org), *(params or ()))
+                return run_scoped(self, self._statement, sql, params, org,
+                                  settings=settings, role=role)
+            if not _TRANSACTION_CONTROL.match(sql):
+                sql, params = ROLE_PREFIX_SQL + sql, (role, *(params or ()))
+            return self._statement(sql, params)
+        side = self._side() if admin else self
+        if org is None:
             return side._statement(sql, params, retry=retry)
-        if org is not None:
-            sql, params = ORG_PREFIX_SQL + sql, (str(org), *(params or ()))
-        return self._statement(sql, params, retry=retry)
+        # The one hook of tenantdb.scoping: how the org (and settings) reach every node that
+        # runs the statement (Citus workers included).
+        send = functools.partial(side._statement, retry=retry)
+        return run_scoped(side, send, sql, params, org, settings=settings)
 
     def _run_server_side(self, sql: str, params: Any, *, org: uuid.UUID | None = None,
                          admin: bool = False) -> Any:

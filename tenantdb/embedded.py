@@ -24,7 +24,8 @@ from urllib.parse import quote
 
 from .errors import ConfigurationError
 
-__all__ = ["EmbeddedUrls", "ServerStatus", "running_urls", "start", "status", "stop"]
+__all__ = ["EmbeddedUrls", "ServerStatus", "running_urls", "start", "start_redis", "status",
+           "stop"]
 
 APP_DATABASE = "tenantdb"
 APP_LOGIN = "tenantdb_app"  # created by `tenantdb migrate` (V01_02)
@@ -111,6 +112,14 @@ def start(home: Path) -> EmbeddedUrls:
     _ensure_app_database(urls)
     (home / _STATE_FILE).write_text(json.dumps(urls.__dict__, indent=2))
     return urls
+
+
+def start_redis(home: Path) -> str:
+    """Start (or find running) only the embedded Redis under ``home``; returns its URL
+    (``tenantdb dev up --citus`` pairs it with the Citus cluster)."""
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"redis+unix://{_start_redis(home / 'redis')}"
 
 
 def running_urls(home: Path) -> EmbeddedUrls | None:

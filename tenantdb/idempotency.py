@@ -32,6 +32,7 @@ from typing import Any
 import peewee
 from psycopg2.extras import Json
 
+from .citus import violated_constraint
 from .context import OrgLike, parse_uuid, require_org
 from .db import database
 from .errors import (
@@ -99,7 +100,7 @@ ENTRY_COLUMNS = ", ".join(f"k.{name}" for name in _ENTRY_FIELDS)
 # newest committed version under a row lock, which is what makes one caller win. The clock
 # is read once: EXCLUDED.created_at is that clock inside DO UPDATE.
 CLAIM_SQL = f"""
-WITH clock AS (SELECT clock_timestamp() AS now),
+WITH clock AS (SELECT tenantdb_clock() AS now),
 existing AS (
     SELECT {ENTRY_COLUMNS},
            k.ttl_until <= clock.now
@@ -134,12 +135,12 @@ FROM existing WHERE NOT EXISTS (SELECT 1 FROM claimed)
 """
 GET_ENTRY_SQL = f"""
 SELECT {ENTRY_COLUMNS} FROM idempotency_key k
-WHERE k.org_id = %s AND k.user_id = %s AND k.key = %s AND k.ttl_until > clock_timestamp()
+WHERE k.org_id = %s AND k.user_id = %s AND k.key = %s AND k.ttl_until > tenantdb_clock()
 """
 # Completes only the claim it names: pending, unexpired, same body. When nothing matches,
 # the second branch returns the row as it is, to say why.
 MARK_COMPLETED_SQL = f"""
-WITH clock AS (SELECT clock_timestamp() AS now),
+WITH clock AS (SELECT tenantdb_clock() AS now),
 done AS (
     UPDATE idempotency_key AS k SET
         status = 'completed', response_status = %s, response_body = %s,
@@ -156,13 +157,13 @@ FROM idempotency_key k, clock
 WHERE k.org_id = %s AND k.user_id = %s AND k.key = %s AND NOT EXISTS (SELECT 1 FROM done)
 """
 MARK_ERROR_SQL = """
-UPDATE idempotency_key SET status = 'error', locked_until = NULL, updated_at = clock_timestamp()
+UPDATE idempotency_key SET status = 'error', locked_until = NULL, updated_at = tenantdb_clock()
 WHERE org_id = %s AND user_id = %s AND key = %s AND status = 'pending'
 RETURNING 1
 """
 # The checklist's plain upsert: it overwrites whatever is stored (begin() is the safe claim).
 SAVE_RESULT_SQL = f"""
-WITH clock AS (SELECT clock_timestamp() AS now)
+WITH clock AS (SELECT tenantdb_clock() AS now)
 INSERT INTO idempotency_key AS k
     (org_id, user_id, key, status, body_hash, headers_hash, response_status, response_body,
      locked_until, ttl_until, created_at, updated_at)
@@ -268,7 +269,7 @@ def begin(
     ``MISMATCH`` for any other body hash (also while the owner runs). An entry past ``ttl``
     or marked with :func:`mark_error` is free again, for any body; a pending one whose lease
     lapsed (a crashed holder) is taken over by one caller with the same body hash. Times
-    are the database's ``clock_timestamp()``.
+    are the database's ``clock_timestamp()`` (through ``tenantdb_clock()``, V01_07).
 
     One statement, one round trip. A caller that had to wait for a racer's uncommitted
     insert of the same key sends it a second time: the first statement's snapshot predates
@@ -576,10 +577,9 @@ def _unknown_user_as_error(org: uuid.UUID, user: uuid.UUID) -> Iterator[None]:
     try:
         yield
     except peewee.IntegrityError as exc:
-        # peewee keeps the driver's error as .orig; its diag names the violated constraint.
-        diag = getattr(getattr(exc, "orig", None), "diag", None)
-        constraint = getattr(diag, "constraint_name", None)
-        if constraint != USER_FK:
+        # peewee keeps the driver's error as .orig; its diag names the violated constraint
+        # (on Citus only the message does, with the shard's id appended).
+        if violated_constraint(exc) != USER_FK:
             raise
         raise UnknownUserError(f"user {user} is not a user of org {org}: an idempotency key "
                                "belongs to an existing user of its org") from exc

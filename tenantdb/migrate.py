@@ -19,6 +19,7 @@ recorded twice.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -59,6 +60,8 @@ __all__ = [
     "migration_locations",
     "parse_version",
 ]
+
+log = logging.getLogger(__name__)
 
 # The package is installed as plain files (no zip imports), so its folders are real paths
 # that pyway can list.
@@ -299,7 +302,17 @@ def migrate(url: str | None = None, locations: Iterable[Path | str] = ()) -> lis
         _end_orphans(conn)
         for loc in all_locations:
             applied += _migrate_location(conn, url, loc)
+        _after_migrations(conn)
     return applied
+
+
+def _after_migrations(conn: psycopg2.extensions.connection) -> None:
+    """On a Citus coordinator, distribute the schema (a no-op elsewhere); under the lock."""
+    from .citus import distribute
+
+    for change in distribute(conn):
+        # A foreign-key action left out changes behaviour: say so where it is seen.
+        (log.warning if "left out" in change else log.info)("citus: %s", change)
 
 
 def _migrate_location(conn: psycopg2.extensions.connection, url: str,

@@ -44,7 +44,7 @@ import pytest
 import redis
 from psycopg2 import sql
 
-from . import db, embedded, migrate
+from . import citus, db, embedded, migrate
 from .db import APP_ROLE, execute_once, with_login
 from .idempotency import allow_claims_in_transaction
 from .orgs import create_org
@@ -222,7 +222,9 @@ def tenantdb_database(_tenantdb_servers: _Servers, tenantdb_migration_locations:
     login, and the owner as admin login) and dropped at the end (~0.3 s once per session)."""
     server_url = _tenantdb_servers.postgres_url
     name = TEST_DB_PREFIX + uuid.uuid4().hex[:12]
-    execute_once(server_url, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    # On a Citus coordinator the database is created on every node (Citus does not
+    # propagate CREATE DATABASE); elsewhere this is a plain CREATE DATABASE.
+    citus.create_database(server_url, name)
     url = _with_database(server_url, name)
     test_db = TestDatabase(url, name, app_url=with_login(url, APP_ROLE), admin_url=url)
     access = _Access()
@@ -240,8 +242,7 @@ def tenantdb_database(_tenantdb_servers: _Servers, tenantdb_migration_locations:
         db.database.unpin()
         _close_pinned()
         db.close()
-        execute_once(server_url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-               .format(sql.Identifier(name)))
+        citus.drop_database(server_url, name)
 
 
 # The owner connection tenant_db pins: one per session, replaced if it died.

@@ -69,14 +69,20 @@ ORG_FILTER_SQL = "AND org_id = %s"
 # then act on exactly those rows. The count comes back as a row, whatever the driver's
 # rowcount reports for a multi-statement call. Placeholders: the predicate's values, the
 # org (only with ORG_FILTER_SQL), the batch size.
-# Deleting a run sets its itineraries' agent_run_id to NULL in the same statement (the
-# composite FK is ON DELETE SET NULL), so no child is left pointing at a purged parent.
+# The batch's runs are unlinked from their itineraries in the same statement, then deleted
+# (V01_07: the key is plain, since Citus refuses ON DELETE SET NULL (agent_run_id)). The key
+# is checked at the end of the statement, after both. A writer linking a new itinerary to
+# a locked run waits for the run's row lock, then fails on the key: never a dangling link.
 PURGE_AGENT_RUNS_SQL = """
 WITH batch AS (
     SELECT org_id, id FROM agent_run
     WHERE created_at < %s {org_filter}
     ORDER BY created_at LIMIT %s
     FOR UPDATE SKIP LOCKED
+), unlinked AS (
+    UPDATE itinerary i SET agent_run_id = NULL FROM batch
+    WHERE i.org_id = batch.org_id AND i.agent_run_id = batch.id
+    RETURNING 1
 ), done AS (
     DELETE FROM agent_run t USING batch
     WHERE t.org_id = batch.org_id AND t.id = batch.id
@@ -421,6 +427,35 @@ def _counts_per_org(queries: Mapping[RetentionPolicy, TenantSelect]
 def _run_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None, *,
                  batch_size: int, max_batches: int | None,
                  on_batch: Callable[[int], None] | None) -> int:
+    if org is None:
+        # Across orgs, org by org: a FOR UPDATE spanning shards is refused on Citus, and
+        # each org's batches are then router statements. The orgs are those with stale rows
+        # at the start; rows of an org that gets some later are left for the next run.
+        total = batches = 0
+        for one in _orgs_with_stale_rows(policy, cutoff):
+            done, used = _org_batches(policy, cutoff, one, batch_size=batch_size,
+                                      max_batches=None if max_batches is None
+                                      else max_batches - batches, on_batch=on_batch)
+            total, batches = total + done, batches + used
+            if max_batches is not None and batches >= max_batches:
+                break
+        return total
+    return _org_batches(policy, cutoff, org, batch_size=batch_size, max_batches=max_batches,
+                        on_batch=on_batch)[0]
+
+
+def _orgs_with_stale_rows(policy: RetentionPolicy, cutoff: datetime) -> list[uuid.UUID]:
+    """The orgs holding stale rows of ``policy`` (no lock: the batches lock)."""
+    model = _POLICIES[policy].model
+    with cross_org(reason=PURGE_REASON):
+        # For idempotency entries the cutoff is now itself (see _batch_params).
+        query = model.select(model.org_id).where(_stale_predicate(policy, cutoff, cutoff))
+        return [row[0] for row in query.distinct().order_by(model.org_id).tuples()]
+
+
+def _org_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None, *,
+                 batch_size: int, max_batches: int | None,
+                 on_batch: Callable[[int], None] | None) -> tuple[int, int]:
     sql = _batch_statement(policy, org is not None)
     params = _batch_params(policy, cutoff, org, batch_size)
     total = batches = 0
@@ -434,7 +469,7 @@ def _run_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | Non
             break
     log.info("retention purge of %s (%s): %d row(s) in %d batch(es), cutoff %s", policy.value,
              org or "every org", total, batches, cutoff.isoformat())
-    return total
+    return total, batches
 
 
 def _batch_statement(policy: RetentionPolicy, scoped: bool) -> str:

@@ -51,6 +51,8 @@ class Settings:
     :param migration_locations: ``TENANTDB_MIGRATION_LOCATIONS``: folders of an
         application's own migrations (separated by ``os.pathsep``), applied after the
         package's.
+    :param pg_bin: ``TENANTDB_PG_BIN``: the bin folder of a PostgreSQL with Citus, for
+        ``tenantdb dev up --citus``.
     """
 
     database_url: str | None = None
@@ -61,6 +63,7 @@ class Settings:
     test_redis_url: str | None = None
     home: Path = Path(".tenantdb")
     migration_locations: tuple[Path, ...] = ()
+    pg_bin: Path | None = None
     pool_size: int = 10
     admin_pool_size: int = 3
     pool_timeout_s: int = 10
@@ -89,6 +92,7 @@ class Settings:
             "test_database_url": env.get("TENANTDB_TEST_DATABASE_URL") or None,
             "test_redis_url": env.get("TENANTDB_TEST_REDIS_URL") or None,
             "home": Path(env.get("TENANTDB_HOME") or ".tenantdb"),
+            "pg_bin": Path(env["TENANTDB_PG_BIN"]) if env.get("TENANTDB_PG_BIN") else None,
             "redis_key_prefix": env.get("TENANTDB_REDIS_KEY_PREFIX") or "tenantdb",
             "migration_locations": tuple(
                 Path(part) for part in

@@ -18,7 +18,7 @@ from tenantdb.db import execute_once as admin_execute
 from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "citus_support"]
 
 
 @dataclass(frozen=True)

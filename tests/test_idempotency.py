@@ -42,7 +42,7 @@ from tenantdb.tenancy import execute_scoped
 BODY = fingerprint({"trip": "Lisbon", "days": 3}).body_hash
 OTHER_BODY = fingerprint({"trip": "Porto", "days": 3}).body_hash
 BACKDATE_SQL = (
-    "UPDATE idempotency_key SET {column} = clock_timestamp() - interval '1 second' "
+    "UPDATE idempotency_key SET {column} = tenantdb_clock() - interval '1 second' "
     "WHERE org_id = %s AND user_id = %s AND key = %s"
 )
 RAW_ROW_SQL = (
