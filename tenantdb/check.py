@@ -38,11 +38,14 @@ TENANT_TABLES_SQL = """
 # Primary, unique and foreign keys of each table, with their column names.
 KEYS_SQL = """
     SELECT c.conname, c.contype, t.relname,
-           array(SELECT attname FROM pg_attribute
-                 WHERE attrelid = c.conrelid AND attnum = ANY(c.conkey)) AS columns,
+           -- In key order: a foreign key pairs its columns position by position.
+           array(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(num, pos)
+                 JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.num
+                 ORDER BY k.pos) AS columns,
            r.relname AS referenced,
-           array(SELECT attname FROM pg_attribute
-                 WHERE attrelid = c.confrelid AND attnum = ANY(c.confkey)) AS ref_columns
+           array(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(num, pos)
+                 JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.num
+                 ORDER BY k.pos) AS ref_columns
     FROM pg_constraint c
     JOIN pg_class t ON t.oid = c.conrelid
     JOIN pg_namespace n ON n.oid = t.relnamespace

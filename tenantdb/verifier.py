@@ -84,8 +84,8 @@ _tenant_table_re: re.Pattern[str] | None = None
 
 #: Settings raw SQL may change with ``set_config(name, value, true)``: planner knobs only,
 #: never ``role``, ``session_authorization`` or ``tenantdb.*``.
-ALLOWED_SETTINGS = frozenset({"hnsw.ef_search", "hnsw.iterative_scan", "ivfflat.probes",
-                              "ivfflat.iterative_scan"})
+ALLOWED_SETTINGS = frozenset({"hnsw.ef_search", "hnsw.iterative_scan", "hnsw.max_scan_tuples",
+                              "ivfflat.probes", "ivfflat.iterative_scan", "enable_sort"})
 # Functions a query may never call: they change settings, and so the role or the org.
 _DENIED_FUNCTIONS = frozenset({"set_config"})
 # Statements raw SQL may run for one org (execute_scoped): reads and writes that row-level
@@ -102,6 +102,10 @@ _SET_CONFIG = re.compile(r"set_config", re.IGNORECASE)
 _ALLOWED_SET_CONFIG = re.compile(r"(?<![\w$.\"])set_config\(\s*'([a-z_.]+)'\s*,", re.IGNORECASE)
 _UNICODE_ESCAPE = re.compile(r"\bU&[\"']", re.IGNORECASE)
 _FIRST_WORD = re.compile(r"\s*\(*\s*([A-Za-z]+)")
+# The one SET a raw statement may run: a planner setting of ALLOWED_SETTINGS, for the
+# transaction only (knowledge search puts its index settings back this way).
+_ALLOWED_SET_LOCAL = re.compile(r"\s*SET\s+LOCAL\s+([a-z_.]+)\s+(?:TO|=)\s+DEFAULT\s*$",
+                                re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,8 @@ def check_raw_sql(sql: str, *, scoped: bool) -> None:
     """Refuse raw SQL that could change the role or the org setting of its connection.
 
     ``set_config`` is allowed only for :data:`ALLOWED_SETTINGS` (written literally, as
-    ``set_config('hnsw.ef_search', ...)``); ``SET``/``RESET``/``DO``/``PREPARE``/``EXECUTE``
+    ``set_config('hnsw.ef_search', ...)``), and so is ``SET LOCAL <one of them> TO DEFAULT``;
+    other ``SET``s, ``RESET``/``DO``/``PREPARE``/``EXECUTE``
     and DDL are refused; with ``scoped`` (``execute_scoped``) every statement must be a read
     or a write (``SELECT``, ``WITH``, ``INSERT``, ``UPDATE``, ``DELETE``, ...), so transaction
     control (``ROLLBACK TO SAVEPOINT`` would restore an earlier org) is refused too.
@@ -170,11 +175,18 @@ def check_raw_sql(sql: str, *, scoped: bool) -> None:
         if first is None:
             continue
         word = first.group(1).upper()
+        if word == "SET" and _planner_reset(statement):
+            continue
         if word in _DENIED_STATEMENTS or (scoped and word not in _SCOPED_STATEMENTS):
             raise UnscopedQueryError(
                 f"raw SQL may not run {word} on an application connection: it could change "
                 "the role or the org of later statements (settings are the library's; "
                 "administration runs in migrations or cross_org(reason))")
+
+
+def _planner_reset(statement: str) -> bool:
+    allowed = _ALLOWED_SET_LOCAL.match(statement)
+    return allowed is not None and allowed.group(1).lower() in ALLOWED_SETTINGS
 
 
 def verify(query: Any) -> Verdict:

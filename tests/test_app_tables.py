@@ -23,6 +23,7 @@ from app_schema.models import LOCATION, SEEDS, TripBoard, TripNote
 from conftest import PYTHON, TwoOrgs, cli_env
 
 from tenantdb import migrate
+from tenantdb.check import table_violations
 from tenantdb.db import TenantDatabase, database
 from tenantdb.errors import CrossOrgError, MigrationError, MissingOrgError, UnscopedQueryError
 from tenantdb.models import Destination
@@ -254,6 +255,20 @@ def test_protect_names_a_nullable_org_and_a_missing_key(app_schema: str) -> None
         conn.rollback()
     assert "org_id is nullable" in str(raised.value)
     assert "no primary key" in str(raised.value)
+
+
+def test_a_foreign_key_pairing_org_id_with_id_is_refused(app_schema: str) -> None:
+    # Composite, and naming org_id on both sides, but org_id -> destination.id: each row could
+    # point at another org's destination. Columns must be compared in key order.
+    with psycopg2.connect(app_schema) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE crossed (org_id uuid NOT NULL, id uuid NOT NULL, "
+                    "dest_id uuid, PRIMARY KEY (org_id, id), CONSTRAINT crossed_dest_fkey "
+                    "FOREIGN KEY (org_id, dest_id) REFERENCES destination (id, org_id))")
+        violations = [str(v) for v in table_violations(cur)]
+        conn.rollback()
+    assert ("crossed.crossed_dest_fkey: foreign key to tenant table destination does not "
+            "pair org_id") in violations
+    assert not any(v.startswith(("destination.", "itinerary.")) for v in violations)
 
 
 # -- migrate refuses to record an unprotected location ------------------------------------

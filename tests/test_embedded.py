@@ -103,7 +103,7 @@ def test_dev_up_and_down_recover_from_a_killed_holder(home: Path) -> None:
 
 
 def pg_answers(urls: embedded.EmbeddedUrls) -> tuple[str, str]:
-    with psycopg2.connect(urls.database_url) as conn, conn.cursor() as cur:
+    with psycopg2.connect(urls.owner_database_url) as conn, conn.cursor() as cur:
         cur.execute("SHOW server_version")
         server = cur.fetchone()
         cur.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")

@@ -191,6 +191,25 @@ def test_execute_scoped_refuses_setting_changes(twins: Twins, statement: str) ->
         execute_scoped(twins.a, statement, (str(twins.b),) if "%s" in statement else ())
 
 
+@pytest.mark.parametrize("statement", [
+    "SET LOCAL role TO DEFAULT",
+    "SET LOCAL tenantdb.org_id TO DEFAULT",
+    "SET LOCAL hnsw.ef_search = 1000",
+    "SET hnsw.ef_search TO DEFAULT",
+    "SET LOCAL hnsw.ef_search TO DEFAULT; SET ROLE tenantdb_admin",
+], ids=lambda s: s[:36])
+def test_execute_sql_allows_only_planner_settings_back_to_default(
+        tenant_db: TenantDatabase, statement: str) -> None:
+    with pytest.raises(UnscopedQueryError):
+        tenant_db.execute_sql(statement)
+
+
+def test_execute_sql_puts_planner_settings_back_to_default(tenant_db: TenantDatabase) -> None:
+    tenant_db.execute_sql("SELECT set_config('hnsw.ef_search', '321', true)")
+    tenant_db.execute_sql("SET LOCAL hnsw.ef_search TO DEFAULT; SET LOCAL enable_sort TO DEFAULT")
+    assert tenant_db.execute_sql("SHOW hnsw.ef_search").fetchone() != ("321",)
+
+
 def test_model_raw_cannot_set_the_org_itself(twins: Twins) -> None:
     forged = ("SELECT set_config('tenantdb.org_id', %s, true); "
               "SELECT * FROM destination")
