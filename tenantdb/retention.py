@@ -140,13 +140,20 @@ SUMMARY_REASON = "retention: summary across orgs"
 PURGE_REASON = "retention: purge"
 
 
-class RetentionPolicy(enum.StrEnum):
+class RetentionPolicy(str, enum.Enum):
     """What a retention run removes; the values are the names the CLI and ``purge`` take."""
 
     AGENT_RUNS = "agent_runs"
     AGENT_RUN_TOOL_LOGS = "agent_run_tool_logs"
     ITINERARIES = "itineraries"
     IDEMPOTENCY_ENTRIES = "idempotency_entries"
+
+    # Printed and formatted as the value, as enum.StrEnum does (Python 3.11+ only).
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 #: The order a full run purges in: children (itineraries) before their parent runs, and
