@@ -281,6 +281,38 @@ def test_app_login_reset_role_goes_nowhere(committed_twins: Twins, app_login: An
     assert app_login.fetchone() == (False,)
 
 
+def _current_user(database: TenantDatabase) -> str:
+    return str(database.execute_sql("SELECT current_user").fetchone()[0])
+
+
+def test_cross_org_inside_atomic_leaves_the_app_connection_as_the_app(
+        committed_twins: Twins, tenantdb_committed: TenantDatabase) -> None:
+    # The library's own paths of class 2: cross_org work inside the application's
+    # transaction, then ROLLBACK TO SAVEPOINT, begin(), and a raw DB-API cursor (COPY).
+    database = tenantdb_committed
+    with database.atomic():
+        with database.atomic() as savepoint:
+            with cross_org(reason="test: admin work inside the app's transaction"):
+                assert Destination.select().count() == 2
+            savepoint.rollback()  # ROLLBACK TO SAVEPOINT on the application connection
+        assert _current_user(database) == APP_ROLE
+        raw = database.connection().cursor()
+        copied = io.StringIO()
+        raw.copy_expert("COPY (SELECT current_user) TO STDOUT", copied)
+        assert copied.getvalue().strip() == APP_ROLE
+        assert Destination.select(org_id=committed_twins.a).count() == 1
+    database.begin()
+    try:
+        with cross_org(reason="test: admin work after begin()"):
+            assert Destination.select().count() == 2
+        assert _current_user(database) == APP_ROLE
+        raw = database.connection().cursor()
+        with pytest.raises(psycopg2.Error):  # no org set on this transaction: refused
+            raw.execute("SELECT count(*) FROM destination")
+    finally:
+        database.rollback()
+
+
 # -- 3. no permission travels with a query -------------------------------------------------
 
 

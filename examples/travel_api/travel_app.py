@@ -23,7 +23,6 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 
 import tenantdb
-from tenantdb.embedder import default_embedder
 from tenantdb.fastapi import (
     IdempotentRequest,
     ProblemError,
@@ -110,8 +109,8 @@ async def list_destinations(limit: int = 20, cursor: str | None = None,
 
 @app.post("/knowledge/search", dependencies=[Depends(crud_limit)])
 async def search(body: SearchIn, who: RequestScope = Depends(scope)) -> dict[str, Any]:
-    vector = default_embedder().embed([body.query])[0]
-    hits = await run_db(search_knowledge, who.org_id, vector, body.k)
+    # Embedded with the embedder the org's knowledge was stored with (by its name).
+    hits = await run_db(search_knowledge, who.org_id, body.query, body.k)
     return {"hits": [{"title": h.item.title, "chunk": h.embedding.content,
                       "distance": round(h.distance, 4)} for h in hits]}
 
