@@ -146,6 +146,16 @@ COUNT_DESTINATION_SQL = (
     f"LIMIT {_CAP_SQL}) capped), "
     "(SELECT reltuples FROM pg_class WHERE oid = 'embedding'::regclass)"
 )
+# On a Citus coordinator the table's size comes from its shards (tenantdb.citus), not from
+# the coordinator's reltuples (-1 or 0 there): the cap is then computed here and bound.
+# Parameters: org (org, org, dest), cap.
+CAPPED_COUNT_SQL = ("SELECT count(*) FROM (SELECT 1 FROM embedding WHERE org_id = %s "
+                    "LIMIT %s) capped")
+CAPPED_COUNT_DESTINATION_SQL = (
+    "SELECT count(*) FROM (SELECT 1 FROM embedding e JOIN knowledge_item i "
+    "ON i.org_id = e.org_id AND i.id = e.knowledge_item_id "
+    "WHERE e.org_id = %s AND i.org_id = %s AND i.destination_id = %s LIMIT %s) capped"
+)
 PGVECTOR_VERSION_SQL = "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
 # The model of the org's stored vectors (add_knowledge keeps one model per org).
 ORG_MODEL_SQL = "SELECT model FROM embedding WHERE org_id = %s LIMIT 1"
@@ -400,11 +410,14 @@ def _hnsw_search(org: uuid.UUID, vector: str, k: int,
                  destination: uuid.UUID | None) -> list[KnowledgeHit]:
     """pgvector < 0.8: approximate top-k through the HNSW index; may return fewer than k."""
     ef = min(HNSW_EF_SEARCH_MAX, max(HNSW_EF_SEARCH, k))
+    workers = _worker_settings({"hnsw.ef_search": str(ef)})
     if destination is None:
-        cursor = execute_scoped(org, HNSW_SQL, (str(ef), vector, org, vector, k))
+        cursor = database.execute_scoped_sql(org, HNSW_SQL, (str(ef), vector, org, vector, k),
+                                             settings=workers)
     else:
-        cursor = execute_scoped(org, HNSW_DESTINATION_SQL,
-                                (str(ef), vector, org, vector, ef, destination, k))
+        cursor = database.execute_scoped_sql(
+            org, HNSW_DESTINATION_SQL, (str(ef), vector, org, vector, ef, destination, k),
+            settings=workers)
     hits = [_hit(row) for row in cursor.fetchall()]
     _reset_settings(RESET_EF_SEARCH_SQL)
     return hits
@@ -416,14 +429,33 @@ def _iterative_hnsw_search(org: uuid.UUID, vector: str, k: int,
     ef = min(HNSW_EF_SEARCH_MAX, max(ITERATIVE_EF_SEARCH, k))
     fetch = max(ITERATIVE_FETCH, k)
     settings = (str(ef), str(ITERATIVE_MAX_SCAN_TUPLES))
+    workers = _worker_settings({"hnsw.ef_search": settings[0],
+                                "hnsw.iterative_scan": "relaxed_order",
+                                "hnsw.max_scan_tuples": settings[1]})
     if destination is None:
-        cursor = execute_scoped(org, ITERATIVE_SQL, (*settings, vector, org, vector, fetch, k))
+        cursor = database.execute_scoped_sql(
+            org, ITERATIVE_SQL, (*settings, vector, org, vector, fetch, k), settings=workers)
     else:
-        cursor = execute_scoped(org, ITERATIVE_DESTINATION_SQL,
-                                (*settings, vector, org, org, destination, vector, fetch, k))
+        cursor = database.execute_scoped_sql(
+            org, ITERATIVE_DESTINATION_SQL,
+            (*settings, vector, org, org, destination, vector, fetch, k), settings=workers)
     hits = [_hit(row) for row in cursor.fetchall()]
     _reset_settings(RESET_SETTINGS_SQL)
     return hits
+
+
+def _worker_settings(settings: Mapping[str, str]) -> Mapping[str, str] | None:
+    """On a Citus coordinator, the index settings again, for tenantdb.scoping to send as
+    propagated ``SET LOCAL``s (the statement's own ``set_config`` calls stay on the
+    coordinator, and the workers run the index scans); ``None`` elsewhere."""
+    return settings if _table_rows_on_shards() is not None else None
+
+
+def _table_rows_on_shards() -> float | None:
+    """The embedding table's size from its shards on a Citus coordinator, else ``None``."""
+    from .citus import cached_table_rows
+
+    return cached_table_rows(database.connection(), "embedding")
 
 
 def _reset_settings(statement: str) -> None:
@@ -455,12 +487,7 @@ def _org_rows(org: uuid.UUID, destination: uuid.UUID | None, *,
         return cached[1]
     rule = ((EXACT_SCAN_MIN_ROWS, 0.0, EXACT_SCAN_ROWS_PER_SQRT) if iterative
             else (0, EXACT_SCAN_FRACTION, 0.0))
-    if destination is None:
-        row = execute_scoped(org, COUNT_SQL, (org, *rule)).fetchone()
-    else:
-        row = execute_scoped(org, COUNT_DESTINATION_SQL, (org, org, destination, *rule)
-                             ).fetchone()
-    counted, table = int(row[0]), float(row[1])
+    counted, table = _count_org_rows(org, destination, rule)
     rows: int | None = -1 if table < 0 else counted
     if table >= 0 and counted > _threshold(table, *rule):
         rows = None
@@ -472,6 +499,26 @@ def _org_rows(org: uuid.UUID, destination: uuid.UUID | None, *,
                 _sizes.clear()
         _sizes[key] = (now, rows)
     return rows
+
+
+def _count_org_rows(org: uuid.UUID, destination: uuid.UUID | None,
+                    rule: tuple[int, float, float]) -> tuple[int, float]:
+    """The org's rows, counted up to one past the threshold, and the table's size."""
+    shards = _table_rows_on_shards()
+    if shards is not None:  # Citus: the size from the shards, the cap computed here
+        cap = _threshold(shards, *rule) + 1
+        if destination is None:
+            row = execute_scoped(org, CAPPED_COUNT_SQL, (org, cap)).fetchone()
+        else:
+            row = execute_scoped(org, CAPPED_COUNT_DESTINATION_SQL,
+                                 (org, org, destination, cap)).fetchone()
+        return int(row[0]), shards
+    if destination is None:
+        row = execute_scoped(org, COUNT_SQL, (org, *rule)).fetchone()
+    else:
+        row = execute_scoped(org, COUNT_DESTINATION_SQL, (org, org, destination, *rule)
+                             ).fetchone()
+    return int(row[0]), float(row[1])
 
 
 def _threshold(table: float, min_rows: int, fraction: float, per_sqrt: float) -> int:

@@ -13,7 +13,7 @@ import psycopg2
 import pytest
 from conftest import PYTHON, cli_env
 
-from tenantdb import citus, migrate
+from tenantdb import citus, knowledge, migrate
 from tenantdb.check import check_schema
 from tenantdb.context import cross_org
 from tenantdb.db import APP_ROLE, TenantDatabase
@@ -215,7 +215,8 @@ def test_purge_of_runs_unlinks_itineraries_org_by_org(
 
 
 def test_knowledge_sizes_from_shards_and_ef_search_on_workers(
-        tenantdb_committed: TenantDatabase, tenantdb_database: TestDatabase) -> None:
+        tenantdb_committed: TenantDatabase, tenantdb_database: TestDatabase,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     org = create_org("K", f"k-{uuid.uuid4().hex[:8]}").id
     from tenantdb.models import KnowledgeItem
     item = KnowledgeItem.create(org_id=org, title="t", content="c")
@@ -234,5 +235,15 @@ def test_knowledge_sizes_from_shards_and_ef_search_on_workers(
     citus.forget_engines()
     hits = search_knowledge(org, [1.0] + [0.0] * 1535, k=7)
     assert len(hits) == 7
+    # The size that picks the strategy is the shards' (30), not the coordinator's (<= 0):
+    # counted up to one past floor(sqrt(30) * 0.5) = 2.
+    assert knowledge._count_org_rows(org, None, (0, 0.0, 0.5)) == (3, 30.0)
+    # An org too large for an exact scan goes through the index on the workers, with its
+    # settings propagated, and still gets exactly k hits.
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 0)
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_ROWS_PER_SQRT", 0.5)
+    knowledge._forget_sizes(org)
+    assert knowledge._org_rows(org, None, iterative=True) is None
+    assert len(search_knowledge(org, [1.0] + [0.0] * 1535, k=7)) == 7
     plan = scope_statements(org, {"hnsw.ef_search": "400"}, citus=True, in_transaction=False)
     assert plan.setup is not None and "SET LOCAL hnsw.ef_search" in plan.setup
