@@ -132,10 +132,18 @@ class _Pin:
     """A connection every admitted thread uses, one statement at a time."""
 
     def __init__(self, conn: Any) -> None:
+        from .citus import is_coordinator
+
         self.conn = conn
         self.lock = threading.RLock()
         self.state = _SharedState()
         self.state.set_connection(conn)
+        # Citus opens one worker connection per role within a distributed transaction, and
+        # one role's uncommitted rows are invisible to the other's (an org created by admin
+        # work, then a row of it written as the application): on a coordinator the test's
+        # transaction keeps the owner's role, and row-level security is proven by the tests
+        # that use the real logins.
+        self.switch_roles = not is_coordinator(conn)
 
 
 class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
@@ -549,11 +557,11 @@ class TenantDatabase(LoginPool):
              settings: Mapping[str, str] | None = None) -> Any:
         if self._pin is not None:
             # Test harness: one owner connection, the role taken per statement.
-            role = ADMIN_ROLE if admin else APP_ROLE
+            role = (ADMIN_ROLE if admin else APP_ROLE) if self._pin.switch_roles else None
             if org is not None:
                 return run_scoped(self, self._statement, sql, params, org,
                                   settings=settings, role=role)
-            if not _TRANSACTION_CONTROL.match(sql):
+            if role is not None and not _TRANSACTION_CONTROL.match(sql):
                 sql, params = ROLE_PREFIX_SQL + sql, (role, *(params or ()))
             return self._statement(sql, params)
         side = self._side() if admin else self

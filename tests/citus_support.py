@@ -32,7 +32,23 @@ _MIXED_LOGINS = ("cross_org after scoped writes in one transaction: Citus refuse
                  "cross_org on a connection of its own)")
 _SET_NULL = ("deletes a destination itineraries still point at: on Citus the key has no "
              "ON DELETE SET NULL (Citus refuses it), unlink first (README)")
+_OWNER_HARNESS = ("asserts row-level security inside tenant_db: on a Citus coordinator the "
+                  "test's transaction keeps the owner's role (one worker connection per role "
+                  "in a distributed transaction); the committed and raw app-login tests prove "
+                  "the workers' policies")
+_COORDINATOR_SETTING = "raw set_config on the coordinator; on Citus see test_citus.py"
+_COORDINATOR_EXPLAIN = ("the coordinator's EXPLAIN shows the Citus scan; the index is used on "
+                        "the shard")
 NOT_ON_CITUS: dict[str, str] = {
+    "test_library_works_as_the_app_role": _OWNER_HARNESS,
+    "test_raw_needs_an_org_and_rls_hides_other_orgs": _OWNER_HARNESS,
+    "test_execute_sql_on_tenant_tables_is_refused": _OWNER_HARNESS,
+    "test_legacy_ef_search_applies_on_a_fresh_connection": _COORDINATOR_SETTING,
+    "test_iterative_scan_applies_on_a_fresh_connection_and_stays_local": _COORDINATOR_SETTING,
+    "test_explain_shows_the_iterative_hnsw_scan_for_a_large_org": _COORDINATOR_EXPLAIN,
+    "test_iterative_scan_stopped_by_its_bound_falls_back_to_exact": _ONE_STRING,
+    "test_small_org_pays_one_round_trip_once_its_size_is_known": _ONE_STRING,
+    "test_text_search_refuses_an_embedder_of_another_model_before_searching": _ONE_STRING,
     "test_begin_is_one_statement_whatever_the_outcome": _ONE_STRING,
     "test_each_store_call_is_one_statement": _ONE_STRING,
     "test_a_statement_sets_the_org_in_the_same_round_trip": _ONE_STRING,

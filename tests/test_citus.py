@@ -207,7 +207,7 @@ def test_purge_of_runs_unlinks_itineraries_org_by_org(
         for _ in range(3):
             run = AgentRun.create(org_id=org, user_id=user.id, created_at=old)
             Itinerary.create(org_id=org, user_id=user.id, agent_run_id=run.id, title="t")
-    assert purge("agent_runs", batch_size=2) == 9
+    assert purge("agent_runs", batch_size=2, all_orgs=True) == 9
     with cross_org(reason="test: check"):
         assert AgentRun.select().where(AgentRun.org_id.in_(orgs)).count() == 0
         links = Itinerary.select(Itinerary.agent_run_id).where(Itinerary.org_id.in_(orgs))
