@@ -354,12 +354,7 @@ def purge(
                                   max_batches=max_batches, on_batch=on_batch,
                                   all_orgs=all_orgs)
     chosen = _policy(policy)
-    _check_count(batch_size, "batch_size")
-    if max_batches is not None:
-        _check_count(max_batches, "max_batches")
-    org = _org(org_id, all_orgs, "purge()")
-    if now is not None:
-        _check_aware(now)  # before the dry run's or the batches' first statement
+    org = _purge_arguments(batch_size, max_batches, org_id, all_orgs, now)
     window = _setting_windows()[chosen]
     if dry_run:
         with _across(org):
@@ -544,6 +539,19 @@ def _check_aware(now: datetime) -> None:
     if not isinstance(now, datetime) or now.utcoffset() is None:
         raise ValueError(f"now must be a timezone-aware datetime (e.g. datetime.now(UTC)), "
                          f"got {now!r}: a naive time would be read in the server's zone")
+
+
+def _purge_arguments(batch_size: int, max_batches: int | None, org_id: OrgLike | None,
+                     all_orgs: bool, now: datetime | None) -> uuid.UUID | None:
+    """Check a purge's arguments before any SQL (for tenantdb's policies and the
+    application's); returns its org, ``None`` for every org."""
+    _check_count(batch_size, "batch_size")
+    if max_batches is not None:
+        _check_count(max_batches, "max_batches")
+    org = _org(org_id, all_orgs, "purge()")
+    if now is not None:
+        _check_aware(now)  # before the dry run's or the batches' first statement
+    return org
 
 
 def _org(org_id: OrgLike | None, all_orgs: bool, where: str) -> uuid.UUID | None:

@@ -32,11 +32,10 @@ from .errors import PurgeInTransactionError
 from .retention import (
     RetentionPolicy,
     _across,
-    _check_aware,
-    _check_count,
     _cutoff,
     _execute,
     _org,
+    _purge_arguments,
     _resolve_now,
 )
 from .tenancy import OrgLike, TenantModel, TenantSelect
@@ -169,12 +168,7 @@ def purge_table_policy(
 ) -> int:
     """:func:`tenantdb.retention.purge` for a registered policy (which calls this)."""
     policy = _policy(name)
-    _check_count(batch_size, "batch_size")
-    if max_batches is not None:
-        _check_count(max_batches, "max_batches")
-    org = _org(org_id, all_orgs, "purge()")
-    if now is not None:
-        _check_aware(now)
+    org = _purge_arguments(batch_size, max_batches, org_id, all_orgs, now)
     if dry_run:
         with _across(org):
             would = int(get_stale_rows(name, org_id=org, now=now, all_orgs=org is None).count())
