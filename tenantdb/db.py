@@ -79,6 +79,8 @@ SCOPE_PREFIX_SQL = (
     "SELECT set_config('role', %s, true), set_config('tenantdb.org_id', %s, true); "
 )
 ROLE_PREFIX_SQL = "SELECT set_config('role', %s, true); "
+# A scoped statement's org on plain PostgreSQL, transaction-local, in the same round trip.
+ORG_PREFIX_SQL = "SELECT set_config('tenantdb.org_id', %s, true); "
 # Nothing may precede these: in an aborted transaction only they run.
 _TRANSACTION_CONTROL = re.compile(
     r"\s*(ROLLBACK|COMMIT|END|ABORT|SAVEPOINT|RELEASE|BEGIN|START)\b", re.IGNORECASE)
@@ -176,6 +178,19 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
         self._waiting = 0  # callers waiting for a connection to come back
         self._pin: _Pin | None = None
         self._statement_timeout_ms = 0
+
+    def init(self, database: str | None, **kwargs: Any) -> None:
+        super().init(database, **kwargs)
+        # Whether the server is a Citus coordinator, asked once per binding (None: not yet).
+        self._citus: bool | None = None
+
+    def on_citus(self) -> bool:
+        """Whether this pool's server is a Citus coordinator (asked once, then cached)."""
+        if self._citus is None:
+            from .citus import is_coordinator
+
+            self._citus = is_coordinator(self.connection())
+        return self._citus
 
     # -- peewee private internals: every read of them is in this section -----------------
 
@@ -567,6 +582,11 @@ class TenantDatabase(LoginPool):
         side = self._side() if admin else self
         if org is None:
             return side._statement(sql, params, retry=retry)
+        if not settings and not side.on_citus():
+            # The hot path on plain PostgreSQL: the plan tenantdb.scoping would make, without
+            # building it per statement (one round trip, the org in the statement's string).
+            return side._statement(ORG_PREFIX_SQL + sql, (str(org), *(params or ())),
+                                   retry=retry)
         # The one hook of tenantdb.scoping: how the org (and settings) reach every node that
         # runs the statement (Citus workers included).
         send = functools.partial(side._statement, retry=retry)
