@@ -18,32 +18,13 @@ import argparse
 import random
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 
-import psycopg2
-import psycopg2.extras
 from _scratch import scratch_database
+from tenancy_overhead import load
 
 from tenantdb import db, migrate
 from tenantdb.models import Destination
-
-
-def load(url: str, orgs: int, per_org: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
-    """A few orgs with a few destinations each, as the owner; returns (org, id) pairs."""
-    keys = [(uuid.uuid4(), uuid.uuid4()) for _ in range(orgs)]
-    org_ids = [o for o, _ in keys]
-    rows = [(str(o), str(uuid.uuid4()), f"d{n}") for o in org_ids for n in range(per_org)]
-    conn = psycopg2.connect(url)
-    with conn, conn.cursor() as cur:
-        psycopg2.extras.execute_values(
-            cur, "INSERT INTO org (id, name, slug) VALUES %s",
-            [(str(o), f"Org {i}", f"org-{i}") for i, o in enumerate(org_ids)])
-        psycopg2.extras.execute_values(
-            cur, "INSERT INTO destination (org_id, id, name) VALUES %s", rows)
-        cur.execute("ANALYZE destination")
-    conn.close()
-    return [(uuid.UUID(o), uuid.UUID(i)) for o, i, _ in rows]
 
 
 def per_round_ratios(ops: Callable[[], None], rounds: int, per_round: int
@@ -79,7 +60,7 @@ def main() -> None:
     rounds, ops = (5, 100) if args.quick else (args.rounds, args.ops)
     with scratch_database() as url:
         migrate.migrate(url)
-        keys = load(url, orgs=10, per_org=100)
+        keys = load(url, 1000, 10)  # 10 orgs of 100 destinations
         db.connect(db.with_login(url, db.APP_ROLE), admin_url=url)
         rng = random.Random(3)
 
