@@ -377,6 +377,17 @@ def test_frozen_server_each_connecting_thread_fails_within_its_own_timeout(
 # -- errors that say what to do -----------------------------------------------------------
 
 
+def test_rebinding_keeps_nothing_of_the_previous_url(tenantdb_committed: db.TenantDatabase,
+                                                     tenantdb_database: TestDatabase) -> None:
+    first = "postgresql://someone:s3cret@127.0.0.1:6543/first_db"
+    with bound(first, first):
+        pass
+    with bound("postgresql://other@localhost/second_db", tenantdb_database.url) as database:
+        params = dict(database.connect_params)
+    assert params.get("user") == "other" and params.get("host") == "localhost"
+    assert "port" not in params and "password" not in params
+
+
 def test_unavailable_database_names_host_and_database_never_the_password(
         tenantdb_committed: db.TenantDatabase, tenantdb_database: TestDatabase) -> None:
     with bound(DEAD_URL, tenantdb_database.url, connect_timeout_s=2), \
