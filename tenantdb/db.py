@@ -182,7 +182,7 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
     def init(self, database: str | None, **kwargs: Any) -> None:
         # Peewee's init() merges into the previous binding's parameters: a URL without a
         # port or a password would inherit the last one's. A binding is the URL's alone.
-        self.connect_params = {}
+        self.connect_params: dict[str, Any] = {}
         super().init(database, **kwargs)
         # Whether the server is a Citus coordinator, asked once per binding (None: not yet).
         self._citus: bool | None = None
