@@ -25,8 +25,18 @@ import psycopg2.extensions
 from .db import ADMIN_ROLE, APP_ROLE
 from .db import owner_database_url as database_url
 
-__all__ = ["Violation", "check_schema", "table_violations"]
+__all__ = ["TENANT_TABLE_NAMES_SQL", "Violation", "check_schema", "table_violations"]
 
+#: The tenant tables: every table of the schema with an ``org_id`` column (an application's
+#: too); read by check, by Citus's distribution and by ``delete_org``.
+TENANT_TABLE_NAMES_SQL = """
+    SELECT c.relname
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+    ORDER BY c.relname
+"""
 TENANT_TABLES_SQL = """
     SELECT c.relname, a.attnotnull, c.relrowsecurity, c.relforcerowsecurity
     FROM pg_class c

@@ -34,6 +34,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from .check import TENANT_TABLE_NAMES_SQL
 from .errors import ConfigurationError, MigrationError
 
 __all__ = [
@@ -62,15 +63,6 @@ IS_COORDINATOR_SQL = """
     SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')
 """
 CITUS_ROLE_SQL = "SELECT citus_is_coordinator()"
-# Tables with an org_id column in the current schema: the tenant tables (app tables too).
-TENANT_TABLES_SQL = """
-    SELECT c.relname
-    FROM pg_class c
-    JOIN pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped
-    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
-    ORDER BY c.relname
-"""
 # What Citus knows of each table: 'h' hash-distributed (with its column), 'n' reference or
 # Citus-local (replication model 't' is a reference table), and the colocation group.
 PARTITIONS_SQL = """
@@ -192,7 +184,7 @@ def distribute(conn: psycopg2.extensions.connection) -> list[str]:
             # DDL on a distributed table after a parallel operation in the same transaction
             # is refused; one connection per node for the whole step avoids that.
             cur.execute(SEQUENTIAL_SQL)
-            cur.execute(TENANT_TABLES_SQL)
+            cur.execute(TENANT_TABLE_NAMES_SQL)
             tenant = [name for (name,) in cur.fetchall()]
             known = _partitions(cur)
             wrong = [str(i) for i in _issues(tenant, known)
@@ -237,7 +229,7 @@ def distribution_issues(conn: psycopg2.extensions.connection) -> list[Distributi
     if not is_coordinator(conn):
         return []
     with conn.cursor() as cur:
-        cur.execute(TENANT_TABLES_SQL)
+        cur.execute(TENANT_TABLE_NAMES_SQL)
         tenant = [name for (name,) in cur.fetchall()]
         known = _partitions(cur)
         missing_refs = [t for t in REFERENCE_TABLES if _exists(cur, t)]

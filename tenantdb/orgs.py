@@ -20,6 +20,7 @@ from typing import Any
 
 from psycopg2 import sql
 
+from .check import TENANT_TABLE_NAMES_SQL
 from .context import OrgLike, cross_org, require_org
 from .db import database
 from .models import Org
@@ -30,14 +31,6 @@ __all__ = ["DEFAULT_BATCH_SIZE", "create_org", "delete_org"]
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1000
-# Every table of the schema with an org_id column: the org's rows live there.
-ORG_TABLES_SQL = """
-    SELECT c.relname
-    FROM pg_class c
-    JOIN pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped
-    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
-"""
 # (referencing table, referenced table) for every foreign key of the schema.
 FOREIGN_KEYS_SQL = """
     SELECT t.relname, r.relname
@@ -117,7 +110,7 @@ def delete_org(org_id: OrgLike, *, reason: str,
 
 def _children_first() -> list[str]:
     """The org's tables, each after every table that references it."""
-    tables = {row[0] for row in database.execute_sql(ORG_TABLES_SQL).fetchall()}
+    tables = {row[0] for row in database.execute_sql(TENANT_TABLE_NAMES_SQL).fetchall()}
     referencing: dict[str, set[str]] = {t: set() for t in tables}
     for child, parent in database.execute_sql(FOREIGN_KEYS_SQL).fetchall():
         if child in tables and parent in tables and child != parent:
