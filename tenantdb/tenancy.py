@@ -24,6 +24,7 @@ from peewee import JOIN, Case, ModelBase, ModelSelect, UUIDField, Value, chunked
 from .context import OrgLike, cross_org, cross_org_reason, require_org
 from .db import database
 from .errors import CrossOrgError, MissingOrgError
+from .planned import by_id_statement
 from .verifier import ORG_COLUMN, register_tenant_table, verify
 
 __all__ = [
@@ -188,9 +189,9 @@ class TenantSelect(_ModelSelect):
         model = getattr(wrapper, "constructor", None)
         if (type(wrapper) is peewee.ModelObjectCursorWrapper and isinstance(model, type)
                 and issubclass(model, TenantModel)):
-            # The common case, one model per row: the org rides in with the constructor's
-            # arguments (cheaper than wrapping every row).
-            wrapper.constructor = functools.partial(model, __tenantdb_org__=self._tenantdb_scope)
+            # The common case, one model per row: the org rides in with the constructor
+            # (cheaper than wrapping every row).
+            wrapper.constructor = _row_constructor(model, self._tenantdb_scope)
             return wrapper
         # Only a wrapper that attaches joined rows can assign None to a relation.
         joins = isinstance(wrapper, peewee.ModelCursorWrapper)
@@ -257,6 +258,25 @@ class _RowLoader:
         if isinstance(obj, (TenantModel, TenantRootModel)):
             _stamp(obj, self.org)
         return obj
+
+
+def _row_constructor(model: Any, org: uuid.UUID) -> Any:
+    """What builds ``model``'s rows read for ``org``: called by Peewee's cursor wrapper as
+    ``constructor(__no_default__=1, **columns)``, as it would call the model."""
+    if model.__init__ is not TenantModel.__init__:
+        return functools.partial(model, __tenantdb_org__=org)
+
+    def loaded(**columns: Any) -> Any:
+        # TenantModel.__init__ for a loaded row, minus its keyword handling: once per row.
+        obj = model.__new__(model)
+        peewee.Model.__init__(obj, **columns)
+        state = obj.__dict__
+        state["_tenantdb_persisted"] = True
+        if state.get("_tenantdb_row_org") is None:
+            state["_tenantdb_row_org"] = org
+        return obj
+
+    return loaded
 
 
 def _stamp(obj: Any, org: uuid.UUID) -> None:
@@ -393,8 +413,22 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
 
     @classmethod
     def get_by_id(cls: type[_M], pk: Any, org_id: OrgLike | None = None) -> _M:
-        """The row of ``org_id`` whose ``id`` is ``pk``."""
-        return cls.get(_id_field(cls) == pk, org_id=org_id)
+        """The row of ``org_id`` whose ``id`` is ``pk``.
+
+        The statement's SQL is built and verified once per model (:mod:`tenantdb.planned`);
+        a model that overrides ``select`` or ``get`` goes through them instead.
+        """
+        if org_id is None or not _plain_reads(cls):
+            return cls.get(_id_field(cls) == pk, org_id=org_id)
+        org = require_org(org_id, f"{cls.__name__}.get_by_id()")
+        statement = by_id_statement(cls)
+        params = statement.bind(org, pk)
+        row = database.execute_verified(statement.sql, params, org).fetchone()
+        if row is None:
+            raise cls.DoesNotExist(f"{cls.__name__} instance matching query does not exist:"
+                                   f"\nSQL: {statement.sql}\nParams: {list(params)}")
+        found: _M = statement.load(row, org)
+        return found
 
     @classmethod
     def get_or_create(cls: type[_M], *, org_id: OrgLike | None = None,
@@ -812,6 +846,13 @@ def _tenant_model(source: Any) -> Any:
     return model if isinstance(model, type) and issubclass(model, TenantModel) else None
 
 
+def _plain_reads(model: Any) -> bool:
+    """Whether ``model`` reads as :class:`TenantModel` does (no ``select``/``get`` of its
+    own, an ``id`` column, tenantdb's database): its get-by-id may skip building SQL."""
+    return ("id" in model._meta.fields and model._meta.database is database
+            and model.select.__func__ is _TENANT_SELECT and model.get.__func__ is _TENANT_GET)
+
+
 def _id_field(model: Any) -> Any:
     field = model._meta.fields.get("id")
     if field is None:
@@ -863,3 +904,8 @@ def _same_org(a: Any, b: Any) -> bool:
         return uuid.UUID(str(a)) == uuid.UUID(str(b))
     except ValueError:
         return bool(a == b)
+
+
+# The functions behind TenantModel's classmethods, to tell a model that overrides them.
+_TENANT_SELECT = vars(TenantModel)["select"].__func__
+_TENANT_GET = vars(TenantModel)["get"].__func__

@@ -70,6 +70,7 @@ __all__ = [
     "mentions_tenant_table",
     "org_column",
     "register_tenant_table",
+    "tenant_tables_version",
     "verify",
 ]
 
@@ -119,11 +120,21 @@ class Verdict:
     org: uuid.UUID | None
 
 
+_tables_version = 0
+
+
+def tenant_tables_version() -> int:
+    """A number that changes whenever a tenant table is registered (verdicts remembered by
+    :mod:`tenantdb.verdicts` are then stale)."""
+    return _tables_version
+
+
 def register_tenant_table(name: str, org_column_name: str = ORG_COLUMN) -> None:
     """Declare ``name`` a tenant table (done by every concrete ``TenantModel``), whose org
     is the column ``org_column_name`` (``id`` for the root table ``org``)."""
-    global _tenant_table_re
+    global _tenant_table_re, _tables_version
     TENANT_TABLES.add(name)
+    _tables_version += 1
     if org_column_name != ORG_COLUMN:
         _ORG_COLUMNS[name] = org_column_name
     names = "|".join(sorted(map(re.escape, TENANT_TABLES)))
