@@ -15,12 +15,23 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, TypeVar, cast
 
 from .errors import MissingOrgError
 
-__all__ = ["OrgLike", "cross_org", "cross_org_reason", "parse_uuid", "require_org"]
+__all__ = [
+    "OrgLike",
+    "Scope",
+    "cross_org",
+    "cross_org_reason",
+    "org_unless_cross_org",
+    "parse_uuid",
+    "require_org",
+    "scope_of",
+    "with_scope",
+]
 
 OrgLike = uuid.UUID | str
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -68,6 +79,47 @@ def require_org(org_id: object, where: str) -> uuid.UUID:
         f"{where} needs org_id=...: pass the org, or use cross_org(reason) for admin work"
         + ("" if org_id is None else f" (got {org_id!r})")
     )
+
+
+def org_unless_cross_org(org_id: object, where: str) -> uuid.UUID | None:
+    """The org a call names; ``None`` when it names none inside :func:`cross_org`.
+
+    ``None`` builds an unscoped query: no permission travels with it, and whether it may
+    run is decided when it runs (inside the block, as admin; outside, refused).
+
+    :raises MissingOrgError: no org (or not a UUID) outside a ``cross_org`` block.
+    """
+    if org_id is None and cross_org_reason() is not None:
+        return None
+    return require_org(org_id, where)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The org a query object was built for, carried by the query (Peewee's clones copy it).
+
+    :param org: the org its rows belong to, and remember when loaded.
+    :param term: the WHERE term that pins its base table to ``org`` (``None`` for raw SQL,
+        whose text the org setting scopes).
+    """
+
+    org: uuid.UUID
+    term: Any = None
+
+
+def scope_of(query: object) -> Scope | None:
+    """The :class:`Scope` ``query`` was built with, if any."""
+    scope = getattr(query, "_tenantdb_scope", None)
+    return scope if isinstance(scope, Scope) else None
+
+
+_Q = TypeVar("_Q")
+
+
+def with_scope(query: _Q, scope: Scope) -> _Q:
+    """``query``, carrying ``scope`` (in its ``__dict__``, which Peewee's ``clone`` copies)."""
+    query.__dict__["_tenantdb_scope"] = scope
+    return query
 
 
 def parse_uuid(value: object) -> uuid.UUID | None:

@@ -37,7 +37,7 @@ from playhouse.postgres_ext import (
 )
 from psycopg2 import sql
 
-from .context import cross_org_reason
+from .context import cross_org_reason, scope_of
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -885,10 +885,10 @@ def close() -> None:
 
 def _statement_verdict(query: Any, sql: str, params: Any) -> Verdict:
     """What ``query`` touches and the org it is pinned to, or refuse."""
-    trusted = getattr(query, "_tenantdb_org", None)
-    if isinstance(query, RawQuery) and trusted is not None:
+    scope = scope_of(query)
+    if isinstance(query, RawQuery) and scope is not None:
         check_raw_sql(sql, scoped=True)  # it must not set the org (or the role) itself
-        return Verdict(True, trusted)  # Model.raw(org_id=...): row-level security holds it
+        return Verdict(True, scope.org)  # Model.raw(org_id=...): row-level security holds it
     if isinstance(query, BaseQuery):
         return verify_statement(query, sql, params)
     table = mentions_tenant_table(sql)

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import peewee
 from peewee import JOIN, Case, ModelBase, ModelSelect, UUIDField, Value, chunked
 
-from .context import OrgLike, cross_org, cross_org_reason, require_org
+from .context import (
+    OrgLike,
+    Scope,
+    cross_org,
+    cross_org_reason,
+    org_unless_cross_org,
+    require_org,
+    scope_of,
+    with_scope,
+)
 from .db import database
 from .errors import CrossOrgError, MissingOrgError
 from .planned import by_id_statement
@@ -143,19 +152,19 @@ class TenantSelect(_ModelSelect):
     columns were selected).
     """
 
-    _tenantdb_scope: uuid.UUID | None = None
-    _tenantdb_scope_term: Any = None
+    _tenantdb_scope: Scope | None = None
 
     def join(self, dest: Any, join_type: str = JOIN.INNER, on: Any = None, src: Any = None,
              attr: Any = None) -> Any:
         scope = self._tenantdb_scope
         if scope is None or _tenant_model(dest) is None:
             return super().join(dest, join_type, on, src, attr)
+        org = scope.org
         if on is None and join_type != JOIN.CROSS:
             current: Any = self  # peewee's stubs omit _join_ctx
             on = _infer_join(src if src is not None else current._join_ctx, dest)
         join_type = JOIN.INNER if join_type == JOIN.CROSS else join_type
-        org_term = dest.org_id == scope
+        org_term = dest.org_id == org
         query: Any = super().join(dest, join_type,  # Any: the stubs omit the private _where
                                   org_term if on is None else (on & org_term), src, attr)
         if join_type in _KEEPS_LEFT_ROWS_NULL:
@@ -163,9 +172,9 @@ class TenantSelect(_ModelSelect):
             # WHERE term lets through the rows this join null-extends (org_id is NOT NULL,
             # so IS NULL holds only for those), which the verifier accepts.
             keep_dest = join_type in _KEEPS_RIGHT_ROWS_NULL
-            query = query.where(((dest.org_id == scope) | dest.org_id.is_null())
-                                if keep_dest else dest.org_id == scope)
-            query._where = _null_tolerant_base(query._where, self._tenantdb_scope_term)
+            query = query.where(((dest.org_id == org) | dest.org_id.is_null())
+                                if keep_dest else dest.org_id == org)
+            query._where = _null_tolerant_base(query._where, scope.term)
         return query
 
     def orwhere(self, *expressions: Any) -> Any:
@@ -184,18 +193,19 @@ class TenantSelect(_ModelSelect):
     def _get_cursor_wrapper(self, cursor: Any) -> Any:
         wrapper = super()._get_cursor_wrapper(cursor)  # type: ignore[misc]
         process_row = getattr(wrapper, "process_row", None)
-        if process_row is None or self._tenantdb_scope is None:
+        scope = self._tenantdb_scope
+        if process_row is None or scope is None:
             return wrapper
         model = getattr(wrapper, "constructor", None)
         if (type(wrapper) is peewee.ModelObjectCursorWrapper and isinstance(model, type)
                 and issubclass(model, TenantModel)):
             # The common case, one model per row: the org rides in with the constructor
             # (cheaper than wrapping every row).
-            wrapper.constructor = _row_constructor(model, self._tenantdb_scope)
+            wrapper.constructor = _row_constructor(model, scope.org)
             return wrapper
         # Only a wrapper that attaches joined rows can assign None to a relation.
         joins = isinstance(wrapper, peewee.ModelCursorWrapper)
-        wrapper.process_row = _RowLoader(process_row, self._tenantdb_scope, joins)
+        wrapper.process_row = _RowLoader(process_row, scope.org, joins)
         return wrapper
 
 
@@ -320,9 +330,7 @@ class TenantRootModel(BaseModel):
             return query
         org = require_org(org_id, f"{cls.__name__}.select()")
         term = cls._meta.primary_key == org
-        scoped: TenantSelect = _mark(query.where(term), _tenantdb_scope=org,
-                                     _tenantdb_scope_term=term)
-        return scoped
+        return with_scope(query.where(term), Scope(org, term))
 
     def save(self, force_insert: bool = False, only: Any = None) -> int:
         """Peewee's ``save``, refused when a row read as one org now names another.
@@ -377,14 +385,11 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         :raises MissingOrgError: no org (or not a UUID) outside a ``cross_org`` block.
         """
         query = TenantSelect(cls, fields or cls._meta.sorted_fields, is_default=not fields)
-        if org_id is None and cross_org_reason() is not None:
-            # No permission travels with the query: run outside the block, it is refused.
+        org = org_unless_cross_org(org_id, f"{cls.__name__}.select()")
+        if org is None:
             return query
-        org = require_org(org_id, f"{cls.__name__}.select()")
         term = cls.org_id == org
-        scoped: TenantSelect = _mark(query.where(term), _tenantdb_scope=org,
-                                     _tenantdb_scope_term=term)
-        return scoped
+        return with_scope(query.where(term), Scope(org, term))
 
     @classmethod
     def get(cls: type[_M], *query: Any, org_id: OrgLike | None = None, **filters: Any) -> _M:
@@ -472,9 +477,8 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         SQL too (the database hides other orgs' rows either way).
         """
         query = super().raw(sql, *params)
-        if org_id is None and cross_org_reason() is not None:
-            return query  # admin only while run inside the block
-        return _mark(query, _tenantdb_org=require_org(org_id, f"{cls.__name__}.raw()"))
+        org = org_unless_cross_org(org_id, f"{cls.__name__}.raw()")
+        return query if org is None else with_scope(query, Scope(org))
 
     # -- writes --
 
@@ -551,17 +555,15 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
             raise CrossOrgError(f"{cls.__name__}.update() cannot change org_id; org_id= is the "
                                 "scope of the update")
         query = super().update(data, **update)
-        if org_id is None and cross_org_reason() is not None:
-            return query
-        return query.where(cls.org_id == require_org(org_id, f"{cls.__name__}.update()"))
+        org = org_unless_cross_org(org_id, f"{cls.__name__}.update()")
+        return query if org is None else query.where(cls.org_id == org)
 
     @classmethod
     def delete(cls, *, org_id: OrgLike | None = None) -> Any:
         """``DELETE ... WHERE org_id = org``."""
         query = super().delete()
-        if org_id is None and cross_org_reason() is not None:
-            return query
-        return query.where(cls.org_id == require_org(org_id, f"{cls.__name__}.delete()"))
+        org = org_unless_cross_org(org_id, f"{cls.__name__}.delete()")
+        return query if org is None else query.where(cls.org_id == org)
 
     @classmethod
     def set_by_id(cls, key: Any, value: dict[str, Any], *, org_id: OrgLike | None = None) -> Any:
@@ -774,7 +776,8 @@ def prefetch(query: Any, *related: Any) -> list[Any]:
     :raises MissingOrgError: ``query`` is not scoped to an org.
     :raises CrossOrgError: a related query is scoped to another org.
     """
-    org = getattr(query, "_tenantdb_scope", None) or verify(query).org
+    scope = scope_of(query)
+    org = scope.org if scope is not None else verify(query).org
     if org is None:
         raise MissingOrgError("prefetch() needs a query scoped with org_id=...")
     loaded: list[tuple[type[TenantModel], list[Any]]] = [(query.model, list(query))]
@@ -833,12 +836,6 @@ def _infer_join(src: Any, dest: Any) -> Any:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _mark(query: Any, **tags: Any) -> Any:
-    """Attach tenantdb's tags to a query; Peewee's clones copy them along."""
-    query.__dict__.update(tags)
-    return query
 
 
 def _tenant_model(source: Any) -> Any:
