@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-citus lint check bench dev-down clean
+.PHONY: run test test-citus test-peewee-lowest lint check bench dev-down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ test: $(STAMP)
 test-citus: $(STAMP)
 	$(BIN)/python -m pytest --citus
 
+# tenantdb reads Peewee's private query attributes (tenantdb/peewee_internals.py): `test` runs
+# on the newest Peewee pyproject.toml allows, this on the lowest, in a venv of its own.
+PEEWEE_LOWEST := 4.5.0
+LOWEST := .venv-peewee-lowest
+test-peewee-lowest: pyproject.toml
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet -e '.[dev,embedded,migrate]' 'peewee==$(PEEWEE_LOWEST)'
+	$(LOWEST)/bin/python -m pytest -q tests/test_peewee_internals.py tests/test_tenancy.py \
+		tests/test_isolation.py tests/test_hot_paths.py tests/test_scope.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict tenantdb
@@ -47,4 +57,4 @@ dev-down: $(STAMP)
 
 clean:
 	-$(BIN)/tenantdb dev down
-	rm -rf $(VENV) .tenantdb *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(LOWEST) .tenantdb *.egg-info .mypy_cache .ruff_cache .pytest_cache

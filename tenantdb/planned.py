@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .peewee_internals import NO_DEFAULT, clear_dirty
 from .verifier import verify
 
 __all__ = ["ByIdStatement", "by_id_statement"]
@@ -55,8 +56,8 @@ class ByIdStatement:
         """The model instance for ``row``, remembering ``org`` (as a scoped select's rows)."""
         data = {name: value if convert is None else convert(value)
                 for (name, convert), value in zip(self.converters, row, strict=True)}
-        obj = self.model(__no_default__=1, __tenantdb_org__=org, **data)
-        obj._dirty.clear()
+        obj = self.model(**{NO_DEFAULT: 1}, __tenantdb_org__=org, **data)
+        clear_dirty(obj)
         return obj
 
 

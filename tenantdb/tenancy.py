@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import peewee
 from peewee import JOIN, Case, ModelBase, ModelSelect, UUIDField, Value, chunked
 
+from . import peewee_internals as pi
 from .context import (
     OrgLike,
     Scope,
@@ -161,8 +162,7 @@ class TenantSelect(_ModelSelect):
             return super().join(dest, join_type, on, src, attr)
         org = scope.org
         if on is None and join_type != JOIN.CROSS:
-            current: Any = self  # peewee's stubs omit _join_ctx
-            on = _infer_join(src if src is not None else current._join_ctx, dest)
+            on = _infer_join(src if src is not None else pi.join_context(self), dest)
         join_type = JOIN.INNER if join_type == JOIN.CROSS else join_type
         org_term = dest.org_id == org
         query: Any = super().join(dest, join_type,  # Any: the stubs omit the private _where
@@ -174,8 +174,38 @@ class TenantSelect(_ModelSelect):
             keep_dest = join_type in _KEEPS_RIGHT_ROWS_NULL
             query = query.where(((dest.org_id == org) | dest.org_id.is_null())
                                 if keep_dest else dest.org_id == org)
-            query._where = _null_tolerant_base(query._where, scope.term)
+            pi.set_where(query, _null_tolerant_base(pi.where(query), scope.term))
         return query
+
+    def __sql_selection__(self, ctx: Any, is_subquery: bool = False) -> Any:
+        """Peewee's column list; the default one (every field of the model) is rendered once
+        per model, alias and SQL context, then replayed as text.
+
+        Peewee renders each column through several nodes on every call: for an 8-column model
+        that was half of building a page query's SQL. The replayed text is Peewee's own
+        output for the same inputs, so the statement is byte for byte what Peewee sends."""
+        model = self.model
+        fields = model._meta.sorted_fields
+        returning = pi.returning(self)
+        table = model._meta.table
+        if (is_subquery or not pi.is_default_selection(self) or len(returning) != len(fields)
+                or any(a is not b for a, b in zip(returning, fields, strict=True))
+                or pi.table_alias(table) is not None):
+            return super().__sql_selection__(ctx, is_subquery)
+        context = pi.context_key(ctx)
+        if context is None:
+            return super().__sql_selection__(ctx, is_subquery)
+        key = (model, tuple(fields), ctx.alias_manager[table], context)
+        text = _selections.get(key)
+        if text is not None:
+            return ctx.literal(text)
+        text = pi.render_text(ctx, lambda: super(TenantSelect, self).__sql_selection__(
+            ctx, is_subquery))
+        if text is not None:
+            if len(_selections) >= _MAX_SELECTIONS:
+                _selections.clear()
+            _selections[key] = text
+        return ctx
 
     def orwhere(self, *expressions: Any) -> Any:
         """Refused when it would weaken the org scope (it always does on a tenant query)."""
@@ -215,26 +245,28 @@ class _TenantCTE(peewee.CTE):
     the CTE (whose own query carries the org, and is verified with the statement)."""
 
     def select_from(self, *columns: Any) -> Any:
-        query: Any = getattr(self, "_query")  # noqa: B009 - peewee's stubs omit _query
+        query = pi.cte_query(self)
         model = getattr(query, "model", None)
         if not columns or model is None:
             return super().select_from(*columns)
         select = peewee.ModelSelect(model, columns).from_(self).with_cte(self)
-        return select.bind(query._database)
+        return select.bind(pi.query_database(query))
 
     def union_all(self, rhs: Any) -> Any:
-        this: Any = self  # peewee's stubs omit the private attributes
-        return _TenantCTE(this._alias, this._query.clone() + rhs, this._recursive,
-                          this._columns)
+        return _TenantCTE(pi.alias(self), pi.cte_query(self).clone() + rhs,
+                          pi.is_recursive(self), pi.cte_columns(self))
 
     def union(self, rhs: Any) -> Any:
-        this: Any = self
-        return _TenantCTE(this._alias, this._query.clone() | rhs, this._recursive,
-                          this._columns)
+        return _TenantCTE(pi.alias(self), pi.cte_query(self).clone() | rhs,
+                          pi.is_recursive(self), pi.cte_columns(self))
 
     __add__ = union_all
     __or__ = union
 
+
+# Default column lists already rendered (TenantSelect.__sql_selection__): a few per model.
+_selections: dict[tuple[Any, ...], str] = {}
+_MAX_SELECTIONS = 1024
 
 # A RIGHT or FULL join null-extends the left side (the base table among it); a FULL join
 # null-extends the right side too.
@@ -367,7 +399,7 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Peewee builds rows read from the database with __no_default__; a scoped query
         # adds the org it read them from.
-        loaded = bool(kwargs.get("__no_default__"))
+        loaded = bool(kwargs.get(pi.NO_DEFAULT))
         org = kwargs.pop("__tenantdb_org__", None)
         super().__init__(*args, **kwargs)
         self.__dict__["_tenantdb_persisted"] = loaded

@@ -57,6 +57,7 @@ from peewee import (
     WrappedNode,
 )
 
+from . import peewee_internals as pi
 from .context import require_org
 from .errors import CrossOrgError, MissingOrgError, UnscopedQueryError
 
@@ -258,7 +259,7 @@ class _Walk:
         if isinstance(query, Insert):
             return self.insert(query, outer)
         if isinstance(query, RawQuery):
-            self.raw_text(getattr(query, "_sql", "") or "")
+            self.raw_text(pi.raw_sql(query))
             return outer
         raise UnscopedQueryError(f"cannot verify a {type(query).__name__}: use cross_org()")
 
@@ -267,9 +268,9 @@ class _Walk:
     def select(self, query: Any, outer: _Scope) -> _Scope:
         self.ctes(query, outer)
         sources: list[_Source] = []
-        predicates = [_Predicate(e, _ANY) for e in _and_terms(query._where)]
+        predicates = [_Predicate(e, _ANY) for e in _and_terms(pi.where(query))]
         derived: list[Any] = []
-        for item in query._from_list:
+        for item in pi.from_list(query):
             self.collect(item, sources, predicates, derived)
         scope = self.solve(sources, predicates, outer)
         # Derived tables are walked with the solved scope: a LATERAL one may be pinned by
@@ -277,33 +278,31 @@ class _Walk:
         for sub in derived:
             self.query(sub, scope)
         # The predicates hold WHERE's and every ON's terms.
-        clauses = (query._having, query._returning, query._order_by, query._group_by,
-                   query._windows, query._distinct, query._limit, query._offset,
-                   [p.expr for p in predicates])
+        clauses = (*pi.select_clauses(query), [p.expr for p in predicates])
         self.subqueries(clauses, scope)
         return scope
 
     def update(self, query: Any, outer: _Scope) -> _Scope:
         column = _org_column_of(query.table)
-        for target in query._update or {}:
+        for target in pi.update_values(query):
             if _column_name(target) == column:
                 raise CrossOrgError(f"an UPDATE cannot change {column}: rows never move "
                                     "between orgs (insert a copy under the other org instead)")
-        scope = self.write(query, query.table, list(query._from or ()), outer)
-        self.subqueries([list((query._update or {}).values())], scope)
+        scope = self.write(query, query.table, pi.update_from(query), outer)
+        self.subqueries([list(pi.update_values(query).values())], scope)
         return scope
 
     def write(self, query: Any, table: Any, extra: list[Any], outer: _Scope) -> _Scope:
         self.ctes(query, outer)
         sources: list[_Source] = []
-        predicates = [_Predicate(e, _ANY) for e in _and_terms(query._where)]
+        predicates = [_Predicate(e, _ANY) for e in _and_terms(pi.where(query))]
         derived: list[Any] = []
         for item in [table, *extra]:
             self.collect(item, sources, predicates, derived)
         scope = self.solve(sources, predicates, outer)
         for sub in derived:
             self.query(sub, scope)
-        self.subqueries((query._where, query._returning, [p.expr for p in predicates]),
+        self.subqueries((pi.where(query), pi.returning(query), [p.expr for p in predicates]),
                         scope)
         return scope
 
@@ -311,7 +310,7 @@ class _Walk:
         _refuse_root_write(query.table, "INSERT")
         self.ctes(query, outer)
         table = _tenant_table(query.table)
-        rows = query._insert
+        rows = pi.insert_rows(query)
         if isinstance(rows, SelectBase):
             scope = self.query(rows, outer)
             if table is not None:
@@ -323,14 +322,13 @@ class _Walk:
                 for org in self.inserted_orgs(query, rows, table):
                     self.orgs.add(org)
             self.subqueries([_row_values(rows)], outer)  # INSERT ... VALUES ((SELECT ...))
-        self.subqueries([query._returning], outer)
-        conflict = query._on_conflict
+        self.subqueries([pi.returning(query)], outer)
+        conflict = pi.on_conflict(query)
         if conflict is not None:
-            if any(_column_name(c) == ORG_COLUMN for c in conflict._update or ()):
+            update = pi.conflict_update(conflict)
+            if any(_column_name(c) == ORG_COLUMN for c in update):
                 raise CrossOrgError("an upsert cannot change org_id")
-            self.subqueries([list((conflict._update or {}).values()), conflict._where,
-                             conflict._conflict_where, conflict._conflict_target,
-                             conflict._preserve], outer)
+            self.subqueries([list(update.values()), *pi.conflict_clauses(conflict)], outer)
         return outer
 
     def inserted_orgs(self, query: Any, rows: Any, table: str) -> Iterator[uuid.UUID]:
@@ -339,17 +337,16 @@ class _Walk:
         if not isinstance(rows, (list, tuple)):
             raise UnscopedQueryError(f"INSERT INTO {table}: pass the rows as a list so their "
                                      "org can be checked")
-        columns = [_column_name(c) for c in query._columns or ()]
+        columns = [_column_name(c) for c in pi.insert_columns(query)]
         for row in rows:
             yield _org_of_row(row, columns, table)
 
     def inserted_org_of_select(self, query: Any, select: Any, scope: _Scope,
                                table: str) -> uuid.UUID:
-        columns = [_column_name(c) for c in query._columns or ()]
+        columns = [_column_name(c) for c in pi.insert_columns(query)]
         if ORG_COLUMN not in columns or not isinstance(select, Select):  # not a UNION
             raise MissingOrgError(f"INSERT INTO {table} ... SELECT must insert org_id")
-        selected: Any = select  # peewee's stubs omit the private _returning
-        source = selected._returning[columns.index(ORG_COLUMN)]
+        source = pi.returning(select)[columns.index(ORG_COLUMN)]
         key = _org_column_key(source)
         if key is not None and key in scope:
             return scope[key]
@@ -361,13 +358,13 @@ class _Walk:
     # -- CTEs --
 
     def ctes(self, query: Any, outer: _Scope) -> None:
-        for cte in query._cte_list or ():
-            name = str(cte._alias)
+        for cte in pi.ctes(query):
+            name = pi.alias(cte)
             if name.lower() in TENANT_TABLES:
                 raise UnscopedQueryError(
                     f"a CTE named {name} would hide the tenant table {name} from the rest of "
                     "the statement: give the CTE another name")
-            org = self.cte_query(cte._query, outer, cte, name)
+            org = self.cte_query(pi.cte_query(cte), outer, cte, name)
             if org is not None:
                 self.cte_orgs[name] = org
 
@@ -376,13 +373,13 @@ class _Walk:
         if isinstance(query, CompoundSelectQuery):
             self.ctes(query, outer)
             left = self.cte_query(query.lhs, outer, cte, name)
-            if left is not None and cte._recursive:
+            if left is not None and pi.is_recursive(cte):
                 self.cte_orgs[name] = left  # the recursive term reads the anchor's rows
             right = self.cte_query(query.rhs, outer, cte, name)
             return left if left == right else None
         if isinstance(query, Select):
             scope = self.select(query, outer)
-            return _output_org(query, scope, cte._columns)
+            return _output_org(query, scope, pi.cte_columns(cte))
         self.query(query, outer)
         return None
 
@@ -392,7 +389,7 @@ class _Walk:
                 derived: list[Any]) -> frozenset[object]:
         """Add ``item``'s sources; returns their keys (for join ON applicability)."""
         if isinstance(item, Join):
-            on: Any = getattr(item, "_on", None)
+            on = pi.join_on(item)
             left = self.collect(item.lhs, sources, predicates, derived)
             right = self.collect(item.rhs, sources, predicates, derived)
             applies = _join_applies(item.join_type, left, right)
@@ -500,10 +497,11 @@ class _Walk:
         check_raw_sql(sql, scoped=False)
 
     def entity(self, node: Any) -> None:
-        names = [str(part).strip('"').lower() for part in node._path]
+        path = pi.entity_path(node)
+        names = [part.strip('"').lower() for part in path]
         hit = next((n for n in names if n in TENANT_TABLES), None)
         if hit is not None:
-            raise UnscopedQueryError(f"Entity({', '.join(node._path)}) names the tenant table "
+            raise UnscopedQueryError(f"Entity({', '.join(path)}) names the tenant table "
                                      f"{hit}, which cannot be verified: use its model")
 
     def function(self, node: Any) -> None:
@@ -611,14 +609,14 @@ def _org_column_key(node: Any) -> object | None:
 
 
 def _alias_of(node: Any) -> str:
-    """A CTE's or an alias's name (Peewee keeps it in the private ``_alias``)."""
-    return str(node._alias)
+    """A CTE's or an alias's name."""
+    return pi.alias(node)
 
 
 def _output_org(select: Any, scope: _Scope, columns: Any) -> uuid.UUID | None:
     """The org of the ``org_id`` column ``select`` returns, if it is a scoped org column."""
     names = [_column_name(c) for c in columns] if columns else None
-    for index, node in enumerate(select._returning or ()):
+    for index, node in enumerate(pi.returning(select)):
         if names is not None:
             named = names[index] if index < len(names) else None
         else:
@@ -643,7 +641,7 @@ def _column_name(column: Any) -> str | None:
     if isinstance(column, Column):
         return str(column.name)
     if isinstance(column, Entity):
-        return str(column._path[-1])
+        return pi.entity_path(column)[-1]
     return None
 
 
@@ -695,7 +693,7 @@ def _subqueries(root: Any, walk: _Walk) -> list[Any]:
         elif isinstance(node, Function):
             walk.function(node)
             stack.extend(node.arguments or ())
-            stack += (node._filter, node._order_by)
+            stack += pi.function_clauses(node)
         elif isinstance(node, NodeList):
             stack.extend(node.nodes)
         elif isinstance(node, WrappedNode):
@@ -720,8 +718,7 @@ def _other_children(node: Any, walk: _Walk) -> list[Any]:
     if isinstance(node, dict):
         return list(node.values())
     if isinstance(node, ValuesList):
-        values: Any = node  # peewee's stubs omit the private _values
-        return list(values._values)
+        return pi.values_rows(node)
     if isinstance(node, peewee.Node) and not _is_source(node) and not isinstance(node, CTE):
         # Any other node (a window's PARTITION BY, ...): every attribute may hold a query.
         return [v for v in vars(node).values()

@@ -18,10 +18,10 @@ import pytest
 from peewee import Table
 from tenancy_fixtures import IDS, Twins, make_twins
 
-from tenantdb import planned, verdicts
+from tenantdb import planned, tenancy, verdicts
 from tenantdb.db import TenantDatabase
 from tenantdb.errors import CrossOrgError, UnscopedQueryError
-from tenantdb.models import TENANT_MODELS, Destination, Itinerary
+from tenantdb.models import TENANT_MODELS, Destination, Itinerary, KnowledgeItem
 from tenantdb.tenancy import cross_org
 from tenantdb.verifier import register_tenant_table
 
@@ -205,3 +205,45 @@ def test_an_unscoped_query_is_refused_whatever_ran_before(twins: Twins,
         unscoped = Destination.select()
     with pytest.raises(UnscopedQueryError):
         list(unscoped)
+
+
+# -- default column lists replayed -------------------------------------------------------------
+
+
+def _shapes(a: uuid.UUID) -> list[Any]:
+    """Queries whose default column lists render in different places and aliases."""
+    items = KnowledgeItem.select(org_id=a)
+    dests = Destination.select(org_id=a)
+    cte = Destination.select(org_id=a).cte("d")
+    return [
+        dests,
+        dests.order_by(Destination.created_at.desc()).limit(20),
+        items.join(Destination),  # two models: the joined one gets "t2"
+        Destination.select(org_id=a).where(Destination.id.in_(
+            KnowledgeItem.select(KnowledgeItem.destination_id, org_id=a))),
+        dests | Destination.select(org_id=a).where(Destination.name == "x"),
+        cte.select_from(cte.c.id).with_cte(cte),
+        Destination.select(org_id=a).with_cte(cte).where(Destination.id.in_(
+            cte.select_from(cte.c.id))),
+        Destination.select(Destination.id, org_id=a),  # named columns: Peewee renders them
+    ]
+
+
+def test_replayed_column_lists_are_peewees_own_sql(twins: Twins, tenant_db: TenantDatabase,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    context = tenant_db.get_sql_context
+    replayed = [context().sql(q).query() for q in _shapes(twins.a) for _ in (1, 2)]
+    assert tenancy._selections  # something was remembered
+    monkeypatch.setattr(tenancy.TenantSelect, "__sql_selection__",
+                        peewee.ModelSelect.__sql_selection__)
+    tenancy._selections.clear()
+    own = [context().sql(q).query() for q in _shapes(twins.a) for _ in (1, 2)]
+    assert tenancy._selections == {}
+    assert replayed == own
+
+
+def test_replayed_column_lists_read_the_right_rows(twins: Twins) -> None:
+    for _ in range(2):
+        for query in _shapes(twins.a)[:4]:
+            rows = list(query)
+            assert rows and all(row.org_id == twins.a for row in rows)
