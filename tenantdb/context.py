@@ -15,9 +15,8 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from .errors import MissingOrgError
 
@@ -94,9 +93,9 @@ def org_unless_cross_org(org_id: object, where: str) -> uuid.UUID | None:
     return require_org(org_id, where)
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(NamedTuple):
     """The org a query object was built for, carried by the query (Peewee's clones copy it).
+    Immutable (a named tuple: built once per query, so cheaper than a frozen dataclass).
 
     :param org: the org its rows belong to, and remember when loaded.
     :param term: the WHERE term that pins its base table to ``org`` (``None`` for raw SQL,

@@ -206,20 +206,12 @@ def table_alias(table: Any) -> str | None:
     return str(alias) if alias else None
 
 
-def context_key(ctx: Any) -> tuple[Any, ...] | None:
-    """What of a SQL context can change how a column list renders (scope, parentheses,
-    every setting: quoting, parameter style, ...), or ``None`` if it cannot be a key."""
+def context_key(ctx: Any) -> tuple[Any, ...]:
+    """What of a SQL context can change how a list of a model's own columns renders: the
+    scope, parentheses and identifier quoting (the rest of the settings are about values,
+    operators and clauses, which a column reference does not use)."""
     state = ctx.state
-    # The database's own tables of field types and operators are dicts, the same objects for
-    # every context of a database: they stand in the key by identity.
-    settings = tuple((name, id(value) if isinstance(value, dict) else value)
-                     for name, value in state.settings.items())
-    key = (state.scope, state.parentheses, settings)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return (state.scope, state.parentheses, state.settings.get("quote"))
 
 
 def render_text(ctx: Any, render: Any) -> str | None:

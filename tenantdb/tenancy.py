@@ -192,10 +192,7 @@ class TenantSelect(_ModelSelect):
                 or any(a is not b for a, b in zip(returning, fields, strict=True))
                 or pi.table_alias(table) is not None):
             return super().__sql_selection__(ctx, is_subquery)
-        context = pi.context_key(ctx)
-        if context is None:
-            return super().__sql_selection__(ctx, is_subquery)
-        key = (model, tuple(fields), ctx.alias_manager[table], context)
+        key = (model, tuple(fields), ctx.alias_manager[table], pi.context_key(ctx))
         text = _selections.get(key)
         if text is not None:
             return ctx.literal(text)

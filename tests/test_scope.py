@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 
 import pytest
@@ -21,7 +20,7 @@ def test_a_scoped_select_carries_its_org_and_term_through_clones() -> None:
     assert scope.term is query._where  # the term that pins the base table
     clone = query.where(Destination.name == "Lisbon").order_by(Destination.name).limit(3)
     assert scope_of(clone) is scope
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         scope.org = uuid.uuid4()  # type: ignore[misc]
 
 
