@@ -576,11 +576,10 @@ def test_every_purge_batch_uses_an_index(big_tables: tuple[datetime, uuid.UUID])
     cutoffs = get_retention_summary(now=now, all_orgs=True).cutoffs
     for policy in RetentionPolicy:
         for scoped in SCOPES:
-            sql = retention._batch_statement(policy, scoped)
             # The batch is joined back by primary key; a batch this much smaller than the
             # table makes that the planner's choice here, as 1000 rows do in a real table.
-            params = retention._batch_params(policy, cutoffs[policy],
-                                             org if scoped else None, 20)
+            sql, params = retention._batch_statement(
+                retention._RULES[policy], cutoffs[policy], now, org if scoped else None, 20)
             _assert_indexed(_plan(sql, params, org if scoped else None),
                             MODELS[policy]._meta.table_name)
 
