@@ -465,3 +465,30 @@ def test_bad_retention_registration_is_refused(kwargs: dict[str, Any], message: 
                                   window=timedelta(days=1))
     with pytest.raises(ValueError, match="unknown retention policy 'nope'"):
         purge("nope")
+
+
+def test_cli_retention_lists_and_purges_the_application_policies(
+        app_schema: str, tenantdb_committed: TenantDatabase) -> None:
+    org = create_org("CLI", f"cli-{uuid.uuid4().hex[:10]}").id
+    board = TripBoard.create(org_id=org, title="Winter")
+    long_ago = datetime.now(timezone.utc) - timedelta(days=40)
+    for _ in range(2):
+        TripNote.create(org_id=org, board_id=board.id, body="old", created_at=long_ago)
+    TripNote.create(org_id=org, board_id=board.id, body="fresh")
+    env = cli_env(TENANTDB_DATABASE_URL=app_schema, PYTHONPATH=str(LOCATION.parent.parent))
+    command = [PYTHON, "-m", "tenantdb", "retention", "--org", str(org),
+               "--models", "app_schema.models"]
+
+    listed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert listed.returncode == 0, listed.stderr
+    counts = {line.split()[0]: line.split()[-1] for line in listed.stdout.splitlines()[2:]
+              if not line.startswith("dry run")}
+    assert counts["trip_notes"] == "2" and counts["trip_note_places"] == "0"
+    assert TripNote.select(org_id=org).count() == 3
+
+    purged = subprocess.run([*command, "--purge", "--batch-size", "1"], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged trip_notes: 2" in purged.stdout
+    assert "purging trip_notes: 2/2" in purged.stderr
+    assert [n.body for n in TripNote.select(org_id=org)] == ["fresh"]
