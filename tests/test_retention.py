@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import PYTHON, TwoOrgs, admin_execute, cli_env
+from helpers import PYTHON, admin_execute, cli_env
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb import retention
 from tenantdb.db import TenantDatabase, database
