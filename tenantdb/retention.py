@@ -1,13 +1,10 @@
 """Retention: select stale rows per policy, and purge them in batches.
 
-Four policies, each a window from :class:`~tenantdb.settings.Settings`:
-
-- ``agent_runs``: runs created more than ``retention_agent_run_days`` ago (deleted);
-- ``agent_run_tool_logs``: runs older than ``retention_tool_log_hours`` that still carry a
-  ``tool_log`` (the log is scrubbed to NULL, the run is kept);
-- ``itineraries``: itineraries created more than ``retention_itinerary_days`` ago (deleted);
-- ``idempotency_entries``: entries past ``ttl_until`` (deleted), never a pending entry
-  whose lease is still live.
+Four policies (:class:`RetentionPolicy`): agent runs, their tool logs (scrubbed, the run
+kept), itineraries and idempotency entries. Each is one rule in ``_RULES`` (model, age
+column, window setting, extra condition, action), and that rule alone builds the selector's
+filter, the summary's counts and the purge's batches; an application's policies
+(:mod:`tenantdb.table_retention`) become rules of the same kind.
 
 The selectors return unexecuted Peewee queries, for one org (``org_id=``) or across every
 org, which a call says explicitly (``all_orgs=True``, or called inside
@@ -506,11 +503,15 @@ def _policy(value: RetentionPolicy | str) -> RetentionPolicy:
     try:
         return RetentionPolicy(value)
     except ValueError:
-        from .table_retention import registered_retention_policies
+        raise _unknown_policy(value) from None
 
-        names = ", ".join([p.value for p in RetentionPolicy]
-                          + list(registered_retention_policies()))
-        raise ValueError(f"unknown retention policy {value!r}: use one of {names}") from None
+
+def _unknown_policy(value: object) -> ValueError:
+    """The error for a policy name that is not known, naming every known one."""
+    from .table_retention import registered_retention_policies
+
+    names = ", ".join([p.value for p in RetentionPolicy] + list(registered_retention_policies()))
+    return ValueError(f"unknown retention policy {value!r}: use one of {names}")
 
 
 def _window(value: float | None, default: int, name: str, unit: str) -> timedelta:

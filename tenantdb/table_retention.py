@@ -30,11 +30,11 @@ from .retention import (
     RetentionPolicy,
     _cutoff,
     _org,
-    _policy,
     _purge_rule,
     _resolve_now,
     _Rule,
     _select_stale,
+    _unknown_policy,
 )
 from .tenancy import OrgLike, TenantModel, TenantSelect
 
@@ -135,13 +135,15 @@ def purge_table_policy(
 def table_rule(name: str) -> _Rule:
     """The retention rule of the registered policy ``name`` (what selects and purges it).
 
-    :raises ValueError: no policy of that name is registered.
+    :raises ValueError: no policy of that name is registered (a package policy's name
+        included: its selector is in :mod:`tenantdb.retention`).
     """
-    try:
-        policy = _REGISTRY[name]
-    except (KeyError, TypeError):
-        _policy(name)  # raises, naming every known policy
-        raise
+    policy = _REGISTRY.get(name) if isinstance(name, str) else None
+    if policy is None and name in {p.value for p in RetentionPolicy}:
+        raise ValueError(f"retention policy {name!r} is one of tenantdb's own: use its "
+                         f"selector, tenantdb.retention.get_stale_{name}()")
+    if policy is None:
+        raise _unknown_policy(name)
     return _Rule(policy.name, policy.model, policy.time_column, action=policy.action,
                  scrub_columns=policy.scrub_columns, window=policy.window)
 
