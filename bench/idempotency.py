@@ -1,8 +1,8 @@
 """Benchmark: idempotency claims against a plain INSERT into the same table, same connection.
 
-Usage: ``python bench/idempotency.py [--rounds 9] [--ops 400]``. Uses
-``TENANTDB_DATABASE_URL`` if set, else starts an embedded Postgres in a temporary directory
-and migrates it. Prints, in one run:
+Usage: ``python bench/idempotency.py [--rounds 9] [--ops 400]``. Migrates a scratch
+database on the configured server if set, else on an embedded one (bench/_scratch.py).
+Prints, in one run:
 
 - round trips per call, counted twice: statements peewee sends (its DEBUG log) and
   ``cursor.execute`` calls on the psycopg2 connection (each is one request/response);
@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg2.extensions
+from _scratch import scratch_database
 
-from tenantdb import db, embedded, migrate
+from tenantdb import db, migrate
 from tenantdb.idempotency import (
     ClaimOutcome,
     begin,
@@ -40,7 +38,6 @@ from tenantdb.idempotency import (
 )
 from tenantdb.models import User
 from tenantdb.orgs import create_org, delete_org
-from tenantdb.settings import get_settings
 from tenantdb.tenancy import execute_scoped
 
 PLAIN_INSERT_SQL = """
@@ -74,19 +71,10 @@ class PeeweeStatements(logging.Handler):
 
 @contextlib.contextmanager
 def database_url() -> Iterator[str]:
-    """The configured database, or a throwaway embedded server, migrated."""
-    configured = get_settings().database_url
-    if configured:
-        yield configured
-        return
-    home = Path(tempfile.mkdtemp(prefix="tenantdb-bench-"))
-    try:
-        url = embedded.start(home).database_url
+    """A migrated scratch database (bench/_scratch.py), dropped afterwards."""
+    with scratch_database() as url:
         migrate.migrate(url)
         yield url
-    finally:
-        embedded.stop(home)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @contextlib.contextmanager

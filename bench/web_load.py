@@ -2,7 +2,8 @@
 
 Usage: ``python bench/web_load.py [--rounds 3] [--requests 400] [--concurrency 50]``.
 
-Starts embedded PostgreSQL and Redis in a temporary folder, migrates a scratch database,
+Uses bench/_scratch.py's servers (the configured ones, else embedded ones in a temporary
+folder), migrates a scratch database,
 seeds one org (a user, 100 destinations), and runs two servers side by side under
 uvicorn (2 workers each, pool of 10 connections per worker, loopback only):
 
@@ -25,23 +26,20 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
+from _scratch import scratch_database, scratch_redis
 
-from tenantdb import db, embedded, migrate
-from tenantdb.db import execute_once
+from tenantdb import db, migrate
 from tenantdb.models import Destination, User
 from tenantdb.orgs import create_org
 
@@ -59,24 +57,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def servers() -> Iterator[tuple[str, str]]:
-    """Embedded PostgreSQL + Redis and a migrated scratch database: (database, redis) URLs."""
-    home = Path(tempfile.mkdtemp(prefix="tdb-web-"))
-    try:
-        urls = embedded.start(home)
-        name = f"tenantdb_web_{uuid.uuid4().hex[:8]}"
-        execute_once(urls.database_url, f"CREATE DATABASE {name}")
-        url = urlsplit(urls.database_url)._replace(path=f"/{name}").geturl()
-        migrate.migrate(url)
-        yield url, urls.redis_url
-    finally:
-        db.close()
-        embedded.stop(home)
-        shutil.rmtree(home, ignore_errors=True)
+def servers() -> Iterator[tuple[str, str, str]]:
+    """A migrated scratch database and a Redis: (owner URL, application URL, Redis URL)."""
+    with scratch_database() as owner, scratch_redis() as redis_url:
+        migrate.migrate(owner)
+        yield owner, db.with_login(owner, db.APP_ROLE), redis_url
 
 
-def seed(url: str) -> dict[str, str]:
-    db.connect(url)
+def seed(url: str, app_url: str) -> dict[str, str]:
+    db.connect(app_url, admin_url=url)
     org = create_org("Load", f"load-{uuid.uuid4().hex[:8]}").id
     user = User.create(org_id=org, email="load@example.com").id
     for n in range(100):
@@ -177,9 +166,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=50)
     args = parser.parse_args()
-    with servers() as (url, redis_url):
-        headers = seed(url)
-        env = {"TENANTDB_DATABASE_URL": url, "TENANTDB_REDIS_URL": redis_url,
+    with servers() as (url, app_url, redis_url):
+        headers = seed(url, app_url)
+        env = {"TENANTDB_DATABASE_URL": app_url, "TENANTDB_ADMIN_DATABASE_URL": url,
+               "TENANTDB_REDIS_URL": redis_url,
                "TENANTDB_POOL_SIZE": "10", "TENANTDB_RATE_LIMIT_CRUD": "100000",
                "TENANTDB_REDIS_KEY_PREFIX": f"web-load-{uuid.uuid4().hex[:8]}",
                "PLAIN_DATABASE_URL": url, "PLAIN_REDIS_URL": redis_url}

@@ -27,24 +27,20 @@ from .db import owner_database_url as database_url
 
 __all__ = ["TENANT_TABLE_NAMES_SQL", "Violation", "check_schema", "table_violations"]
 
+# Where the tenant tables are found: every table of the schema with an ``org_id`` column.
+_TENANT_TABLES_FROM_SQL = """
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped
+    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
+    ORDER BY c.relname
+"""
 #: The tenant tables: every table of the schema with an ``org_id`` column (an application's
 #: too); read by check, by Citus's distribution and by ``delete_org``.
-TENANT_TABLE_NAMES_SQL = """
-    SELECT c.relname
-    FROM pg_class c
-    JOIN pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped
-    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
-    ORDER BY c.relname
-"""
-TENANT_TABLES_SQL = """
-    SELECT c.relname, a.attnotnull, c.relrowsecurity, c.relforcerowsecurity
-    FROM pg_class c
-    JOIN pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'org_id' AND NOT a.attisdropped
-    WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')
-    ORDER BY c.relname
-"""
+TENANT_TABLE_NAMES_SQL = "SELECT c.relname" + _TENANT_TABLES_FROM_SQL
+TENANT_TABLES_SQL = (
+    "SELECT c.relname, a.attnotnull, c.relrowsecurity, c.relforcerowsecurity"
+    + _TENANT_TABLES_FROM_SQL)
 # Primary, unique and foreign keys of each table, with their column names.
 KEYS_SQL = """
     SELECT c.conname, c.contype, t.relname,
@@ -293,5 +289,4 @@ def _distribution_violations(conn: psycopg2.extensions.connection) -> Iterator[V
     reference table. Nothing on plain PostgreSQL."""
     from .citus import distribution_issues
 
-    for issue in distribution_issues(conn):
-        yield Violation(issue.table, issue.problem)
+    yield from distribution_issues(conn)

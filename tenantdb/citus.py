@@ -34,7 +34,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from .check import TENANT_TABLE_NAMES_SQL
+from .check import TENANT_TABLE_NAMES_SQL, Violation
 from .errors import ConfigurationError, MigrationError
 
 __all__ = [
@@ -115,15 +115,13 @@ CREATE_EXTENSION_SQL = "CREATE EXTENSION IF NOT EXISTS citus"
 _cache: dict[tuple[str | None, int | None, str | None], bool] = {}
 
 
-@dataclass(frozen=True)
-class DistributionIssue:
-    """A table not distributed the way the schema needs on Citus."""
+class DistributionIssue(Violation):
+    """A table not distributed the way the schema needs on Citus: a check violation."""
 
-    table: str
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.table}: {self.problem}"
+    @property
+    def table(self) -> str:
+        """The table (the violation's ``where``)."""
+        return self.where
 
 
 # -- detection ----------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     retention.add_argument("--org", metavar="ORG_ID", help="one org (default: every org)")
     retention.add_argument("--batch-size", type=int, default=1000, metavar="N",
                            help="rows per batch, each committed on its own (default: 1000)")
+    _models_option(retention)  # an application's models register its retention policies
     retention.set_defaults(handler=_retention)
     return parser
 
@@ -336,32 +337,46 @@ def _pgenv(args: argparse.Namespace) -> int:
 
 def _retention(args: argparse.Namespace) -> int:
     from .retention import PURGE_ORDER, get_retention_summary, purge
+    from .table_retention import registered_retention_policies
 
     if args.batch_size < 1:  # refused before connecting, not after the summary
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _import_models(args.models)  # registers the application's policies
     connect()
     # Without --org the command is explicitly about every org.
     summary = get_retention_summary(org_id=args.org, all_orgs=args.org is None)
-    scope = f"org {summary.org_id}" if summary.org_id else "every org"
-    print(f"retention as of {summary.now.isoformat(' ', 'seconds')} ({scope})")
+    org, every = summary.org_id, summary.org_id is None
+    rows = {policy.value: (summary.cutoffs[policy], summary.counts[policy])
+            for policy in PURGE_ORDER}
+    for name, table_policy in registered_retention_policies().items():
+        # The application's policies after the package's, counted against the same now.
+        rows[name] = (summary.now - table_policy.window,
+                      purge(name, dry_run=True, org_id=org, now=summary.now, all_orgs=every))
+    print(f"retention as of {summary.now.isoformat(' ', 'seconds')} "
+          f"({f'org {org}' if org else 'every org'})")
     print(f"{'policy':<22} {'stale before':<25} {'rows':>10}")
-    for policy, count in summary.counts.items():
-        cutoff = summary.cutoffs[policy].isoformat(" ", "seconds")
-        print(f"{policy.value:<22} {cutoff:<25} {count:>10}")
+    for name, (cutoff, count) in rows.items():
+        print(f"{name:<22} {cutoff.isoformat(' ', 'seconds'):<25} {count:>10}")
     if not args.purge:
         print("dry run: nothing changed; pass --purge to delete (tool logs: scrub) these rows")
         return 0
-    for policy in PURGE_ORDER:
-        todo, done = summary.counts[policy], 0
-
-        def progress(affected: int, policy: str = policy.value, todo: int = todo) -> None:
-            nonlocal done
-            done += affected
-            print(f"\rpurging {policy}: {done}/{max(todo, done)}", end="", file=sys.stderr,
-                  flush=True)
-
-        purged = purge(policy, args.batch_size, org_id=summary.org_id, now=summary.now,
-                       on_batch=progress, all_orgs=summary.org_id is None)
+    for name, (_, todo) in rows.items():
+        progress = _purge_progress(name, todo)
+        purged = purge(name, args.batch_size, org_id=org, now=summary.now, on_batch=progress,
+                       all_orgs=every)
         print(file=sys.stderr)
-        print(f"purged {policy.value}: {purged}")
+        print(f"purged {name}: {purged}")
     return 0
+
+
+def _purge_progress(name: str, todo: int) -> Callable[[int], None]:
+    """Prints ``purging <policy>: done/todo`` on stderr, in place, after each batch."""
+    done = 0
+
+    def progress(affected: int) -> None:
+        nonlocal done
+        done += affected
+        print(f"\rpurging {name}: {done}/{max(todo, done)}", end="", file=sys.stderr,
+              flush=True)
+
+    return progress

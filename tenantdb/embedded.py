@@ -30,6 +30,8 @@ __all__ = ["EmbeddedUrls", "ServerStatus", "running_urls", "start", "start_redis
 APP_DATABASE = "tenantdb"
 APP_LOGIN = "tenantdb_app"  # created by `tenantdb migrate` (V01_02)
 SUPERUSER = "postgres"  # pgserver's; the owner and, in development, the admin login
+DATABASE_EXISTS_SQL = "SELECT 1 FROM pg_database WHERE datname = %s"
+CREATE_DATABASE_SQL = "CREATE DATABASE {}"  # the name composed as an Identifier
 _STATE_FILE = "servers.json"
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 _START_TIMEOUT_S = 10.0
@@ -249,15 +251,16 @@ def _shm_attachments(shm_id: str) -> int:
 
 def _ensure_app_database(urls: EmbeddedUrls) -> None:
     import psycopg2
+    from psycopg2 import sql
 
     conn = psycopg2.connect(host=urls.pg_socket_dir, port=urls.pg_port, user="postgres",
                             dbname="postgres")
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (APP_DATABASE,))
+            cur.execute(DATABASE_EXISTS_SQL, (APP_DATABASE,))
             if cur.fetchone() is None:
-                cur.execute(f"CREATE DATABASE {APP_DATABASE}")
+                cur.execute(sql.SQL(CREATE_DATABASE_SQL).format(sql.Identifier(APP_DATABASE)))
     finally:
         conn.close()
 

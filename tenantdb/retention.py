@@ -1,13 +1,10 @@
 """Retention: select stale rows per policy, and purge them in batches.
 
-Four policies, each a window from :class:`~tenantdb.settings.Settings`:
-
-- ``agent_runs``: runs created more than ``retention_agent_run_days`` ago (deleted);
-- ``agent_run_tool_logs``: runs older than ``retention_tool_log_hours`` that still carry a
-  ``tool_log`` (the log is scrubbed to NULL, the run is kept);
-- ``itineraries``: itineraries created more than ``retention_itinerary_days`` ago (deleted);
-- ``idempotency_entries``: entries past ``ttl_until`` (deleted), never a pending entry
-  whose lease is still live.
+Four policies (:class:`RetentionPolicy`): agent runs, their tool logs (scrubbed, the run
+kept), itineraries and idempotency entries. Each is one rule in ``_RULES`` (model, age
+column, window setting, extra condition, action), and that rule alone builds the selector's
+filter, the summary's counts and the purge's batches; an application's policies
+(:mod:`tenantdb.table_retention`) become rules of the same kind.
 
 The selectors return unexecuted Peewee queries, for one org (``org_id=``) or across every
 org, which a call says explicitly (``all_orgs=True``, or called inside
@@ -25,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import math
+import operator
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from types import MappingProxyType
 from typing import Any
 
 from peewee import SQL, fn
+from psycopg2 import sql
 
 from .context import cross_org, cross_org_reason, require_org
 from .db import database
@@ -61,79 +61,36 @@ log = logging.getLogger(__name__)
 # SQL
 # The database's clock, read once per selection or purge run: every cutoff derives from it.
 NOW_SQL = "SELECT now()"
-# Appended to a batch's selection for one org. Row-level security would hide other orgs'
-# rows anyway; the predicate is what lets the planner use the org's index entries.
-ORG_FILTER_SQL = "AND org_id = %s"
-# One batch per statement: lock up to LIMIT stale rows, oldest first, skipping rows another
-# purge (or any writer) holds, so concurrent purges split the work instead of deadlocking;
-# then act on exactly those rows. The count comes back as a row, whatever the driver's
-# rowcount reports for a multi-statement call. Placeholders: the predicate's values, the
-# org (only with ORG_FILTER_SQL), the batch size.
-# The batch's runs are unlinked from their itineraries in the same statement, then deleted
-# (V01_07: the key is plain, since Citus refuses ON DELETE SET NULL (agent_run_id)). The key
-# is checked at the end of the statement, after both. A writer linking a new itinerary to
-# a locked run waits for the run's row lock, then fails on the key: never a dangling link.
-PURGE_AGENT_RUNS_SQL = """
+# One batch per statement. {batch} is the policy's selection (the selectors' filter, for one
+# org or every org) of up to LIMIT stale rows' keys, oldest first, FOR UPDATE SKIP LOCKED:
+# rows another purge (or any writer) holds are skipped, so concurrent purges split the work
+# instead of deadlocking. Then {steps} act on exactly those rows. The count comes back as a
+# row, whatever the driver's rowcount reports for a multi-statement call.
+BATCH_SQL = """
 WITH batch AS (
-    SELECT org_id, id FROM agent_run
-    WHERE created_at < %s {org_filter}
-    ORDER BY created_at LIMIT %s
-    FOR UPDATE SKIP LOCKED
-), unlinked AS (
-    UPDATE itinerary i SET agent_run_id = NULL FROM batch
-    WHERE i.org_id = batch.org_id AND i.agent_run_id = batch.id
-    RETURNING 1
-), done AS (
-    DELETE FROM agent_run t USING batch
-    WHERE t.org_id = batch.org_id AND t.id = batch.id
-    RETURNING 1
-)
+    {batch}
+){steps}
 SELECT count(*) FROM done
 """
-# updated_at is left alone: it records the last change a user or agent made, and scrubbing
-# a log is neither.
-SCRUB_TOOL_LOGS_SQL = """
-WITH batch AS (
-    SELECT org_id, id FROM agent_run
-    WHERE tool_log IS NOT NULL AND created_at < %s {org_filter}
-    ORDER BY created_at LIMIT %s
-    FOR UPDATE SKIP LOCKED
-), done AS (
-    UPDATE agent_run t SET tool_log = NULL FROM batch
-    WHERE t.org_id = batch.org_id AND t.id = batch.id
+# A policy's children unlinked from the batch's rows in the same statement, before those
+# are deleted (V01_07: the key is plain, since Citus refuses ON DELETE SET NULL (column)).
+# The key is checked at the end of the statement, after both. A writer linking a new child
+# to a locked row waits for the row lock, then fails on the key: never a dangling link.
+UNLINK_SQL = """, {name} AS (
+    UPDATE {child} c SET {column} = NULL FROM batch
+    WHERE c.org_id = batch.org_id AND c.{column} = batch.{target}
     RETURNING 1
-)
-SELECT count(*) FROM done
-"""
-PURGE_ITINERARIES_SQL = """
-WITH batch AS (
-    SELECT org_id, id FROM itinerary
-    WHERE created_at < %s {org_filter}
-    ORDER BY created_at LIMIT %s
-    FOR UPDATE SKIP LOCKED
-), done AS (
-    DELETE FROM itinerary t USING batch
-    WHERE t.org_id = batch.org_id AND t.id = batch.id
+)"""
+DELETE_SQL = """, done AS (
+    DELETE FROM {table} t USING batch WHERE {match}
     RETURNING 1
-)
-SELECT count(*) FROM done
-"""
-# FOR UPDATE re-checks the predicate on a row a concurrent begin() took over after this
-# statement's snapshot (new ttl, new lease), so a freshly claimed key is never deleted.
-PURGE_IDEMPOTENCY_SQL = """
-WITH batch AS (
-    SELECT org_id, user_id, key FROM idempotency_key
-    WHERE ttl_until <= %s
-      AND (status <> 'pending' OR locked_until IS NULL OR locked_until <= %s) {org_filter}
-    ORDER BY ttl_until LIMIT %s
-    FOR UPDATE SKIP LOCKED
-), done AS (
-    DELETE FROM idempotency_key t USING batch
-    WHERE t.org_id = batch.org_id AND t.user_id = batch.user_id AND t.key = batch.key
+)"""
+# A scrub leaves updated_at alone: it records the last change a user or agent made, and
+# scrubbing a log is neither.
+SCRUB_SQL = """, done AS (
+    UPDATE {table} t SET {assignments} FROM batch WHERE {match}
     RETURNING 1
-)
-SELECT count(*) FROM done
-"""
+)"""
 
 SELECT_REASON = "retention: stale rows across orgs"
 SUMMARY_REASON = "retention: summary across orgs"
@@ -192,85 +149,118 @@ class RetentionSummary:
         return sum(self.counts.values())
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: peewee fields compare into expressions
+class _Rule:
+    """One retention policy, the single source of its selector, counts and purge batches.
+
+    A row of ``model`` is stale once its ``age_column`` is older than the window (at or
+    before the cutoff with ``at_cutoff``, for a deadline column), unless ``keep`` holds at
+    ``now``; a scrub policy also needs one of its ``scrub_columns`` still set (nothing is
+    left to scrub otherwise, and it matches partial indexes such as
+    ``agent_run_tool_log_created_at_idx``).
+    """
+
+    name: str
+    model: type[TenantModel]
+    age_column: str
+    #: ``"delete"`` the rows, or ``"scrub"`` their ``scrub_columns`` to NULL.
+    action: str = "delete"
+    scrub_columns: tuple[str, ...] = ()
+    #: The Settings attribute holding the window, counted in ``unit``; ``None``: ``window``.
+    setting: str | None = None
+    unit: str = "days"
+    window: timedelta = timedelta(0)
+    at_cutoff: bool = False
+    keep: Callable[[datetime], Any] | None = None
+    #: Nullable foreign keys of other tables to these rows, set to NULL before a delete.
+    unlink: tuple[Any, ...] = ()
+
+    def default_window(self) -> timedelta:
+        """The window a run uses unless the caller passes one."""
+        if self.setting is None:
+            return self.window
+        return timedelta(**{self.unit: getattr(get_settings(), self.setting)})
+
+    def predicate(self, cutoff: datetime, now: datetime) -> Any:
+        """Stale at ``cutoff`` (derived from ``now``): the filter every use shares."""
+        age = getattr(self.model, self.age_column)
+        term = (age <= cutoff) if self.at_cutoff else (age < cutoff)
+        if self.scrub_columns:
+            term = term & functools.reduce(operator.or_, (
+                getattr(self.model, name).is_null(False) for name in self.scrub_columns))
+        if self.keep is not None:
+            term = term & ~self.keep(now)
+        return term
+
+
+def _live_lease(now: datetime) -> Any:
+    """A pending idempotency entry whose holder's lease is live: it is still working."""
+    key = IdempotencyKey
+    return (key.status == "pending") & key.locked_until.is_null(False) & (
+        key.locked_until > now)
+
+
+#: The package's policies. FOR UPDATE re-checks an idempotency entry's predicate on a row a
+#: concurrent begin() took over after the statement's snapshot (new ttl, new lease), so a
+#: freshly claimed key is never deleted.
+_RULES: Mapping[RetentionPolicy, _Rule] = MappingProxyType({
+    RetentionPolicy.AGENT_RUNS: _Rule(
+        "agent_runs", AgentRun, "created_at", setting="retention_agent_run_days",
+        unlink=(Itinerary.agent_run_id,)),
+    RetentionPolicy.AGENT_RUN_TOOL_LOGS: _Rule(
+        "agent_run_tool_logs", AgentRun, "created_at", action="scrub",
+        scrub_columns=("tool_log",), setting="retention_tool_log_hours", unit="hours"),
+    RetentionPolicy.ITINERARIES: _Rule(
+        "itineraries", Itinerary, "created_at", setting="retention_itinerary_days"),
+    RetentionPolicy.IDEMPOTENCY_ENTRIES: _Rule(
+        "idempotency_entries", IdempotencyKey, "ttl_until", at_cutoff=True, keep=_live_lease),
+})
+
+
 # PUBLIC API
+#
+# Every selector returns an unexecuted query of one policy's stale rows. They share:
+#   org_id: one org's rows; all_orgs: every org's instead (the query then runs only inside
+#   cross_org; called inside cross_org, org_id=None means the same); now: a timezone-aware
+#   time, None: the database's now(), read once.
+#   ValueError: a non-positive window or a naive now; MissingOrgError: no org and no
+#   all_orgs=True outside cross_org, or an org_id that is not a UUID (both before any SQL).
 
 
 def get_stale_agent_runs(
     retention_days: float | None = None, *, org_id: OrgLike | None = None,
     now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
-    """Agent runs created more than ``retention_days`` before ``now``: an unexecuted query.
-
-    :param retention_days: the window; ``None``: ``Settings.retention_agent_run_days``.
-    :param org_id: one org's runs.
-    :param all_orgs: every org's runs instead (the query then runs only inside ``cross_org``;
-        called inside ``cross_org``, ``org_id=None`` means the same).
-    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
-    :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
-        ``org_id`` that is not a UUID (before any SQL).
-    """
-    window = _window(retention_days, get_settings().retention_agent_run_days,
-                     "retention_days", "days")
-    org = _org(org_id, all_orgs, "get_stale_agent_runs()")
-    return _select_stale(RetentionPolicy.AGENT_RUNS, window, org, now)
+    """Agent runs created more than ``retention_days`` (``None``:
+    ``Settings.retention_agent_run_days``) before ``now``. Other parameters: see above."""
+    return _selector(RetentionPolicy.AGENT_RUNS, retention_days, org_id, now, all_orgs)
 
 
 def get_stale_agent_run_tool_logs(
     retention_hours: float | None = None, *, org_id: OrgLike | None = None,
     now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
-    """Agent runs older than ``retention_hours`` whose ``tool_log`` is still set.
-
-    :param retention_hours: the window; ``None``: ``Settings.retention_tool_log_hours``.
-    :param org_id: one org's runs.
-    :param all_orgs: every org's (run the query inside ``cross_org``).
-    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
-    :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
-        ``org_id`` that is not a UUID (before any SQL).
-    """
-    window = _window(retention_hours, get_settings().retention_tool_log_hours,
-                     "retention_hours", "hours")
-    org = _org(org_id, all_orgs, "get_stale_agent_run_tool_logs()")
-    return _select_stale(RetentionPolicy.AGENT_RUN_TOOL_LOGS, window, org, now)
+    """Agent runs older than ``retention_hours`` (``None``:
+    ``Settings.retention_tool_log_hours``) whose ``tool_log`` is still set."""
+    return _selector(RetentionPolicy.AGENT_RUN_TOOL_LOGS, retention_hours, org_id, now,
+                     all_orgs)
 
 
 def get_stale_itineraries(
     retention_days: float | None = None, *, org_id: OrgLike | None = None,
     now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
-    """Itineraries created more than ``retention_days`` before ``now``.
-
-    :param retention_days: the window; ``None``: ``Settings.retention_itinerary_days``.
-    :param org_id: one org's itineraries.
-    :param all_orgs: every org's (run the query inside ``cross_org``).
-    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
-    :raises ValueError: a non-positive window or a naive ``now`` (before any SQL).
-    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
-        ``org_id`` that is not a UUID (before any SQL).
-    """
-    window = _window(retention_days, get_settings().retention_itinerary_days,
-                     "retention_days", "days")
-    org = _org(org_id, all_orgs, "get_stale_itineraries()")
-    return _select_stale(RetentionPolicy.ITINERARIES, window, org, now)
+    """Itineraries created more than ``retention_days`` (``None``:
+    ``Settings.retention_itinerary_days``) before ``now``."""
+    return _selector(RetentionPolicy.ITINERARIES, retention_days, org_id, now, all_orgs)
 
 
 def get_stale_idempotency_entries(
     *, org_id: OrgLike | None = None, now: datetime | None = None, all_orgs: bool = False,
 ) -> TenantSelect:
     """Idempotency entries with ``ttl_until <= now``, except pending ones whose lease
-    (``locked_until``) is still live: their holder is still working.
-
-    :param org_id: one org's entries.
-    :param all_orgs: every org's (run the query inside ``cross_org``).
-    :param now: a timezone-aware time; ``None``: the database's ``now()``, read once.
-    :raises ValueError: a naive ``now`` (before any SQL).
-    :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
-        ``org_id`` that is not a UUID (before any SQL).
-    """
-    org = _org(org_id, all_orgs, "get_stale_idempotency_entries()")
-    return _select_stale(RetentionPolicy.IDEMPOTENCY_ENTRIES, timedelta(0), org, now)
+    (``locked_until``) is still live: their holder is still working."""
+    return _selector(RetentionPolicy.IDEMPOTENCY_ENTRIES, None, org_id, now, all_orgs)
 
 
 def get_retention_summary(
@@ -293,10 +283,10 @@ def get_retention_summary(
     if org is None and cross_org_reason() is None:
         with cross_org(reason=SUMMARY_REASON):
             return get_retention_summary(now=now, per_org=per_org)
-    windows = _setting_windows()
     when = _resolve_now(now)
-    cutoffs = {policy: _cutoff(when, windows[policy]) for policy in RetentionPolicy}
-    queries = {policy: _select_stale(policy, windows[policy], org, when)
+    cutoffs = {policy: _cutoff(when, _RULES[policy].default_window())
+               for policy in RetentionPolicy}
+    queries = {policy: _select_stale(_RULES[policy], cutoffs[policy], when, org)
                for policy in RetentionPolicy}
     if not per_org:
         with _across(org):
@@ -346,145 +336,161 @@ def purge(
         ``org_id`` that is not a UUID (before any SQL).
     :raises PurgeInTransactionError: called inside an open transaction (not a dry run).
     """
-    from .table_retention import purge_table_policy, registered_retention_policies
+    from .table_retention import registered_retention_policies, table_rule
 
     if isinstance(policy, str) and policy in registered_retention_policies():
-        # An application table's policy (tenantdb.table_retention), same rules.
-        return purge_table_policy(policy, batch_size, dry_run, org_id=org_id, now=now,
-                                  max_batches=max_batches, on_batch=on_batch,
-                                  all_orgs=all_orgs)
-    chosen = _policy(policy)
-    org = _purge_arguments(batch_size, max_batches, org_id, all_orgs, now)
-    window = _setting_windows()[chosen]
-    if dry_run:
-        with _across(org):
-            would = int(_select_stale(chosen, window, org, now).count())
-        return would if max_batches is None else min(would, max_batches * batch_size)
-    if database.in_transaction():
-        raise PurgeInTransactionError(
-            "purge() inside an open transaction: its batches could not commit on their own "
-            "and every locked row would stay locked until the caller ends it; call purge() "
-            "outside database.atomic() (or pass dry_run=True to only count)"
-        )
-    cutoff = _cutoff(_resolve_now(now), window)
-    return _run_batches(chosen, cutoff, org, batch_size=batch_size, max_batches=max_batches,
-                        on_batch=on_batch)
+        rule = table_rule(policy)  # an application table's policy, same rules
+    else:
+        rule = _RULES[_policy(policy)]
+    return _purge_rule(rule, batch_size, dry_run, org_id=org_id, now=now,
+                       max_batches=max_batches, on_batch=on_batch, all_orgs=all_orgs)
 
 
-# PRIVATE HELPERS
+# PRIVATE HELPERS (tenantdb.table_retention runs an application's policies through them)
 
 
-@dataclass(frozen=True)
-class _Policy:
-    model: type[TenantModel]
-    batch_sql: str
-
-
-_POLICIES: dict[RetentionPolicy, _Policy] = {
-    RetentionPolicy.AGENT_RUNS: _Policy(AgentRun, PURGE_AGENT_RUNS_SQL),
-    RetentionPolicy.AGENT_RUN_TOOL_LOGS: _Policy(AgentRun, SCRUB_TOOL_LOGS_SQL),
-    RetentionPolicy.ITINERARIES: _Policy(Itinerary, PURGE_ITINERARIES_SQL),
-    RetentionPolicy.IDEMPOTENCY_ENTRIES: _Policy(IdempotencyKey, PURGE_IDEMPOTENCY_SQL),
-}
-
-
-def _select_stale(policy: RetentionPolicy, window: timedelta, org: uuid.UUID | None,
-                  now: datetime | None) -> TenantSelect:
-    """The stale rows of ``policy`` (``org`` None: every org's; validated by the caller)."""
+def _selector(policy: RetentionPolicy, window: float | None, org_id: OrgLike | None,
+              now: datetime | None, all_orgs: bool) -> TenantSelect:
+    """A public selector's work: arguments checked in order, before any SQL."""
+    rule = _RULES[policy]
+    chosen = rule.default_window() if rule.setting is None else _window(
+        window, getattr(get_settings(), rule.setting), f"retention_{rule.unit}", rule.unit)
+    org = _org(org_id, all_orgs, f"get_stale_{policy.value}()")
     when = _resolve_now(now)
-    predicate = _stale_predicate(policy, _cutoff(when, window), when)
-    model = _POLICIES[policy].model
+    return _select_stale(rule, _cutoff(when, chosen), when, org)
+
+
+def _select_stale(rule: _Rule, cutoff: datetime, now: datetime, org: uuid.UUID | None,
+                  *fields: Any) -> TenantSelect:
+    """The stale rows of ``rule`` (``org`` None: every org's; validated by the caller)."""
+    return _scoped_select(rule.model, org, *fields).where(rule.predicate(cutoff, now))
+
+
+def _scoped_select(model: type[TenantModel], org: uuid.UUID | None,
+                   *fields: Any) -> TenantSelect:
     if org is not None:
-        return model.select(org_id=org).where(predicate)
+        return model.select(*fields, org_id=org)
     # Unscoped, and carrying no permission: it runs only inside a cross_org block.
-    return TenantSelect(model, model._meta.sorted_fields, is_default=True).where(predicate)
-
-
-def _stale_predicate(policy: RetentionPolicy, cutoff: datetime, now: datetime) -> Any:
-    """The Peewee twin of the batch SQL's WHERE clause (tests hold the two together)."""
-    if policy is RetentionPolicy.AGENT_RUNS:
-        return AgentRun.created_at < cutoff
-    if policy is RetentionPolicy.AGENT_RUN_TOOL_LOGS:
-        # IS NOT NULL matches the partial index agent_run_tool_log_created_at_idx.
-        return AgentRun.tool_log.is_null(False) & (AgentRun.created_at < cutoff)
-    if policy is RetentionPolicy.ITINERARIES:
-        return Itinerary.created_at < cutoff
-    key = IdempotencyKey
-    live_lease = (key.status == "pending") & key.locked_until.is_null(False) & (
-        key.locked_until > now)
-    return (key.ttl_until <= now) & ~live_lease
+    return TenantSelect(model, list(fields) or model._meta.sorted_fields, is_default=not fields)
 
 
 def _counts_per_org(queries: Mapping[RetentionPolicy, TenantSelect]
                     ) -> dict[uuid.UUID, Mapping[RetentionPolicy, int]]:
     found: dict[uuid.UUID, dict[RetentionPolicy, int]] = {}
     for policy, query in queries.items():
-        model = _POLICIES[policy].model
+        model = _RULES[policy].model
         grouped = query.select(model.org_id, fn.COUNT(SQL("*"))).group_by(model.org_id)
         for org, count in grouped.tuples():
             found.setdefault(org, dict.fromkeys(RetentionPolicy, 0))[policy] = int(count)
     return {org: MappingProxyType(counts) for org, counts in found.items()}
 
 
-def _run_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None, *,
-                 batch_size: int, max_batches: int | None,
-                 on_batch: Callable[[int], None] | None) -> int:
-    if org is None:
-        # Across orgs, org by org: a FOR UPDATE spanning shards is refused on Citus, and
-        # each org's batches are then router statements. The orgs are those with stale rows
-        # at the start; rows of an org that gets some later are left for the next run.
-        total = batches = 0
-        for one in _orgs_with_stale_rows(policy, cutoff):
-            done, used = _org_batches(policy, cutoff, one, batch_size=batch_size,
-                                      max_batches=None if max_batches is None
-                                      else max_batches - batches, on_batch=on_batch)
-            total, batches = total + done, batches + used
-            if max_batches is not None and batches >= max_batches:
-                break
-        return total
-    return _org_batches(policy, cutoff, org, batch_size=batch_size, max_batches=max_batches,
-                        on_batch=on_batch)[0]
+def _purge_rule(rule: _Rule, batch_size: int, dry_run: bool, *, org_id: OrgLike | None,
+                now: datetime | None, max_batches: int | None,
+                on_batch: Callable[[int], None] | None, all_orgs: bool) -> int:
+    """:func:`purge` of one rule, the package's or an application's."""
+    org = _purge_arguments(batch_size, max_batches, org_id, all_orgs, now)
+    window = rule.default_window()
+    if dry_run:
+        with _across(org):
+            when = _resolve_now(now)
+            would = int(_select_stale(rule, _cutoff(when, window), when, org).count())
+        return would if max_batches is None else min(would, max_batches * batch_size)
+    if database.in_transaction():
+        raise PurgeInTransactionError(
+            f"purge({rule.name!r}) inside an open transaction: its batches could not commit "
+            "on their own and every locked row would stay locked until the caller ends it; "
+            "call purge() outside database.atomic() (or pass dry_run=True to only count)"
+        )
+    when = _resolve_now(now)
+    run = _Run(rule, _cutoff(when, window), when, batch_size, on_batch)
+    if org is not None:
+        return _org_batches(run, org, max_batches)[0]
+    # Across orgs, org by org: a FOR UPDATE spanning shards is refused on Citus, and each
+    # org's batches are then router statements. The orgs are those with stale rows at the
+    # start; rows of an org that gets some later are left for the next run.
+    total = batches = 0
+    for one in _orgs_with_stale_rows(run):
+        left = None if max_batches is None else max_batches - batches
+        done, used = _org_batches(run, one, left)
+        total, batches = total + done, batches + used
+        if max_batches is not None and batches >= max_batches:
+            break
+    return total
 
 
-def _orgs_with_stale_rows(policy: RetentionPolicy, cutoff: datetime) -> list[uuid.UUID]:
-    """The orgs holding stale rows of ``policy`` (no lock: the batches lock)."""
-    model = _POLICIES[policy].model
+@dataclass(frozen=True, eq=False)
+class _Run:
+    """One purge run: a rule, its cutoff and ``now`` (fixed once), and its batch size."""
+
+    rule: _Rule
+    cutoff: datetime
+    now: datetime
+    batch_size: int
+    on_batch: Callable[[int], None] | None
+
+
+def _orgs_with_stale_rows(run: _Run) -> list[uuid.UUID]:
+    """The orgs holding stale rows of the run's policy (no lock: the batches lock)."""
+    model = run.rule.model
     with cross_org(reason=PURGE_REASON):
-        # For idempotency entries the cutoff is now itself (see _batch_params).
-        query = model.select(model.org_id).where(_stale_predicate(policy, cutoff, cutoff))
+        query = _select_stale(run.rule, run.cutoff, run.now, None, model.org_id)
         return [row[0] for row in query.distinct().order_by(model.org_id).tuples()]
 
 
-def _org_batches(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None, *,
-                 batch_size: int, max_batches: int | None,
-                 on_batch: Callable[[int], None] | None) -> tuple[int, int]:
-    sql = _batch_statement(policy, org is not None)
-    params = _batch_params(policy, cutoff, org, batch_size)
+def _org_batches(run: _Run, org: uuid.UUID, max_batches: int | None) -> tuple[int, int]:
     total = batches = 0
     while max_batches is None or batches < max_batches:
-        with _across(org), database.atomic():  # across orgs: an admin transaction
-            affected = int(_execute(sql, params, org).fetchone()[0])
+        with database.atomic():
+            statement, params = _batch_statement(run.rule, run.cutoff, run.now, org,
+                                                 run.batch_size)
+            affected = int(execute_scoped(org, statement, params).fetchone()[0])
         total, batches = total + affected, batches + 1
-        if on_batch is not None:
-            on_batch(affected)
-        if affected < batch_size:  # nothing more this run can lock
+        if run.on_batch is not None:
+            run.on_batch(affected)
+        if affected < run.batch_size:  # nothing more this run can lock
             break
-    log.info("retention purge of %s (%s): %d row(s) in %d batch(es), cutoff %s", policy.value,
-             org or "every org", total, batches, cutoff.isoformat())
+    log.info("retention purge of %s (%s): %d row(s) in %d batch(es), cutoff %s",
+             run.rule.name, org, total, batches, run.cutoff.isoformat())
     return total, batches
 
 
-def _batch_statement(policy: RetentionPolicy, scoped: bool) -> str:
-    """The batch SQL of ``policy``, for one org (``scoped``) or every org."""
-    return _POLICIES[policy].batch_sql.format(org_filter=ORG_FILTER_SQL if scoped else "")
+def _batch_statement(rule: _Rule, cutoff: datetime, now: datetime, org: uuid.UUID | None,
+                     batch_size: int) -> tuple[str, tuple[Any, ...]]:
+    """One batch of ``rule`` as SQL and parameters: the selectors' query, locked and
+    limited, with the rule's action around it (rendered on the current connection, which
+    quotes the identifiers)."""
+    model = rule.model
+    meta: Any = model._meta  # peewee's stubs leave get_primary_keys untyped
+    keys: tuple[Any, ...] = meta.get_primary_keys()
+    batch = (_select_stale(rule, cutoff, now, org, *keys)
+             .order_by(getattr(model, rule.age_column)).limit(batch_size)
+             .for_update(skip_locked=True))
+    batch_sql, params = batch.sql()
+    steps = [_unlink_step(index, fk) for index, fk in enumerate(rule.unlink)]
+    steps.append(_action_step(rule, [key.column_name for key in keys]))
+    statement = sql.SQL(BATCH_SQL).format(batch=sql.SQL(batch_sql), steps=sql.Composed(steps))
+    return statement.as_string(database.connection()), tuple(params)
 
 
-def _batch_params(policy: RetentionPolicy, cutoff: datetime, org: uuid.UUID | None,
-                  batch_size: int) -> tuple[Any, ...]:
-    # For idempotency entries the cutoff is now itself: it bounds ttl and lease alike.
-    values: tuple[Any, ...] = (
-        (cutoff, cutoff) if policy is RetentionPolicy.IDEMPOTENCY_ENTRIES else (cutoff,))
-    return (*values, *((org,) if org is not None else ()), batch_size)
+def _unlink_step(index: int, foreign_key: Any) -> sql.Composable:
+    return sql.SQL(UNLINK_SQL).format(
+        name=sql.Identifier(f"unlinked_{index}"),
+        child=sql.Identifier(foreign_key.model._meta.table_name),
+        column=sql.Identifier(foreign_key.column_name),
+        target=sql.Identifier(foreign_key.rel_model.id.column_name))  # a TenantForeignKey
+
+
+def _action_step(rule: _Rule, keys: list[str]) -> sql.Composable:
+    table = sql.Identifier(rule.model._meta.table_name)
+    match = sql.SQL(" AND ").join(
+        sql.SQL("t.{key} = batch.{key}").format(key=sql.Identifier(key)) for key in keys)
+    if rule.action == "delete":
+        return sql.SQL(DELETE_SQL).format(table=table, match=match)
+    columns = [getattr(rule.model, name).column_name for name in rule.scrub_columns]
+    assignments = sql.SQL(", ").join(
+        sql.SQL("{} = NULL").format(sql.Identifier(column)) for column in columns)
+    return sql.SQL(SCRUB_SQL).format(table=table, assignments=assignments, match=match)
 
 
 def _across(org: uuid.UUID | None) -> contextlib.AbstractContextManager[None]:
@@ -493,29 +499,19 @@ def _across(org: uuid.UUID | None) -> contextlib.AbstractContextManager[None]:
     return cross_org(reason=SELECT_REASON) if org is None else contextlib.nullcontext()
 
 
-def _execute(sql: str, params: tuple[Any, ...], org: uuid.UUID | None) -> Any:
-    if org is not None:
-        return execute_scoped(org, sql, params)
-    with cross_org(reason=PURGE_REASON):
-        return database.execute_sql(sql, params)
-
-
 def _policy(value: RetentionPolicy | str) -> RetentionPolicy:
     try:
         return RetentionPolicy(value)
     except ValueError:
-        names = ", ".join(p.value for p in RetentionPolicy)
-        raise ValueError(f"unknown retention policy {value!r}: use one of {names}") from None
+        raise _unknown_policy(value) from None
 
 
-def _setting_windows() -> dict[RetentionPolicy, timedelta]:
-    settings = get_settings()
-    return {
-        RetentionPolicy.AGENT_RUNS: timedelta(days=settings.retention_agent_run_days),
-        RetentionPolicy.AGENT_RUN_TOOL_LOGS: timedelta(hours=settings.retention_tool_log_hours),
-        RetentionPolicy.ITINERARIES: timedelta(days=settings.retention_itinerary_days),
-        RetentionPolicy.IDEMPOTENCY_ENTRIES: timedelta(0),
-    }
+def _unknown_policy(value: object) -> ValueError:
+    """The error for a policy name that is not known, naming every known one."""
+    from .table_retention import registered_retention_policies
+
+    names = ", ".join([p.value for p in RetentionPolicy] + list(registered_retention_policies()))
+    return ValueError(f"unknown retention policy {value!r}: use one of {names}")
 
 
 def _window(value: float | None, default: int, name: str, unit: str) -> timedelta:
@@ -543,8 +539,7 @@ def _check_aware(now: datetime) -> None:
 
 def _purge_arguments(batch_size: int, max_batches: int | None, org_id: OrgLike | None,
                      all_orgs: bool, now: datetime | None) -> uuid.UUID | None:
-    """Check a purge's arguments before any SQL (for tenantdb's policies and the
-    application's); returns its org, ``None`` for every org."""
+    """Check a purge's arguments before any SQL; returns its org, ``None`` for every org."""
     _check_count(batch_size, "batch_size")
     if max_batches is not None:
         _check_count(max_batches, "max_batches")

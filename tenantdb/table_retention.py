@@ -17,7 +17,6 @@ on its own, one org or every org (as ``cross_org``).
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,16 +26,15 @@ from typing import Any
 
 import peewee
 
-from .db import database
-from .errors import PurgeInTransactionError
 from .retention import (
     RetentionPolicy,
-    _across,
     _cutoff,
-    _execute,
     _org,
-    _purge_arguments,
+    _purge_rule,
     _resolve_now,
+    _Rule,
+    _select_stale,
+    _unknown_policy,
 )
 from .tenancy import OrgLike, TenantModel, TenantSelect
 
@@ -46,32 +44,11 @@ __all__ = [
     "purge_table_policy",
     "register_retention_policy",
     "registered_retention_policies",
+    "table_rule",
 ]
 
-log = logging.getLogger(__name__)
-
-# Placeholders: {table}, {time}, {keys} (the primary key columns), {match} (batch rows to
-# table rows), {action} (DELETE ... USING batch / UPDATE ... FROM batch), {extra}, {org}.
-# Values: the cutoff, the org (only with {org}), the batch size. Same shape as the package's
-# policies in retention.py: lock a batch oldest first, skip locked rows, act, count.
-TABLE_BATCH_SQL = """
-WITH batch AS (
-    SELECT {keys} FROM {table}
-    WHERE {time} < %s {extra} {org}
-    ORDER BY {time} LIMIT %s
-    FOR UPDATE SKIP LOCKED
-), done AS (
-    {action} WHERE {match}
-    RETURNING 1
-)
-SELECT count(*) FROM done
-"""
-DELETE_SQL = "DELETE FROM {table} t USING batch"
-SCRUB_SQL = "UPDATE {table} t SET {assignments} FROM batch"
-ORG_SQL = "AND org_id = %s"
-# Identifiers come from model metadata checked against this pattern, so quoting them in
-# double quotes cannot be escaped out of.
-_IDENTIFIER_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+# Policy names are CLI arguments and log fields: kept plain.
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _ACTIONS = ("delete", "scrub")
 
 
@@ -86,7 +63,6 @@ class TableRetentionPolicy:
     window: timedelta
     action: str
     scrub_columns: tuple[str, ...]
-    batch_sql: str
 
 
 _REGISTRY: dict[str, TableRetentionPolicy] = {}
@@ -108,9 +84,7 @@ def register_retention_policy(
     _check_name(name)
     if not (isinstance(model, type) and issubclass(model, TenantModel)):
         raise ValueError(f"retention policy {name!r}: {model!r} is not a TenantModel")
-    fields = model._meta.fields
-    column = fields.get(time_column)
-    if not isinstance(column, peewee.DateTimeField):
+    if not isinstance(model._meta.fields.get(time_column), peewee.DateTimeField):
         raise ValueError(f"retention policy {name!r}: {model.__name__}.{time_column} is not a "
                          "timestamp field")
     if not isinstance(window, timedelta) or window <= timedelta(0):
@@ -120,17 +94,8 @@ def register_retention_policy(
         raise ValueError(f"retention policy {name!r}: action must be 'delete' or 'scrub', "
                          f"got {action!r}")
     scrub = tuple(scrub_columns)
-    if (action == "scrub") != bool(scrub):
-        raise ValueError(f"retention policy {name!r}: scrub_columns go with action='scrub' "
-                         "(and it needs at least one)")
-    keys = [f.column_name for f in _primary_key(model)]
-    for col in scrub:
-        fld = fields.get(col)
-        if fld is None or not fld.null or fld.column_name in (*keys, time_column):
-            raise ValueError(f"retention policy {name!r}: {model.__name__}.{col} is not a "
-                             "nullable, non-key field to scrub")
-    policy = TableRetentionPolicy(name, model, time_column, window, action, scrub,
-                                  _batch_sql(model, time_column, action, scrub, keys))
+    _check_scrub(name, model, time_column, action, scrub)
+    policy = TableRetentionPolicy(name, model, time_column, window, action, scrub)
     _REGISTRY[name] = policy
     return policy
 
@@ -150,14 +115,10 @@ def get_stale_rows(name: str, *, org_id: OrgLike | None = None,
     :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
         ``org_id`` that is not a UUID (before any SQL).
     """
-    policy = _policy(name)
+    rule = table_rule(name)
     org = _org(org_id, all_orgs, f"get_stale_rows({name!r})")
     when = _resolve_now(now)
-    predicate = _predicate(policy, _cutoff(when, policy.window))
-    if org is not None:
-        return policy.model.select(org_id=org).where(predicate)
-    model = policy.model
-    return TenantSelect(model, model._meta.sorted_fields, is_default=True).where(predicate)
+    return _select_stale(rule, _cutoff(when, rule.window), when, org)
 
 
 def purge_table_policy(
@@ -166,36 +127,29 @@ def purge_table_policy(
     max_batches: int | None = None, on_batch: Callable[[int], None] | None = None,
     all_orgs: bool = False,
 ) -> int:
-    """:func:`tenantdb.retention.purge` for a registered policy (which calls this)."""
-    policy = _policy(name)
-    org = _purge_arguments(batch_size, max_batches, org_id, all_orgs, now)
-    if dry_run:
-        with _across(org):
-            would = int(get_stale_rows(name, org_id=org, now=now, all_orgs=org is None).count())
-        return would if max_batches is None else min(would, max_batches * batch_size)
-    if database.in_transaction():
-        raise PurgeInTransactionError(
-            f"purge({name!r}) inside an open transaction: its batches could not commit on "
-            "their own; call purge() outside database.atomic() (or pass dry_run=True)")
-    cutoff = _cutoff(_resolve_now(now), policy.window)
-    sql = policy.batch_sql.replace("{org}", ORG_SQL if org is not None else "")
-    params: tuple[Any, ...] = (cutoff, *((org,) if org is not None else ()), batch_size)
-    total = batches = 0
-    while max_batches is None or batches < max_batches:
-        with database.atomic():
-            affected = int(_execute(sql, params, org).fetchone()[0])
-        total, batches = total + affected, batches + 1
-        if on_batch is not None:
-            on_batch(affected)
-        if affected < batch_size:
-            break
-    log.info("retention purge of %s (%s): %d row(s) in %d batch(es), cutoff %s", name,
-             org or "every org", total, batches, cutoff.isoformat())
-    return total
+    """:func:`tenantdb.retention.purge` for a registered policy, by the same rules."""
+    return _purge_rule(table_rule(name), batch_size, dry_run, org_id=org_id, now=now,
+                       max_batches=max_batches, on_batch=on_batch, all_orgs=all_orgs)
+
+
+def table_rule(name: str) -> _Rule:
+    """The retention rule of the registered policy ``name`` (what selects and purges it).
+
+    :raises ValueError: no policy of that name is registered (a package policy's name
+        included: its selector is in :mod:`tenantdb.retention`).
+    """
+    policy = _REGISTRY.get(name) if isinstance(name, str) else None
+    if policy is None and name in {p.value for p in RetentionPolicy}:
+        raise ValueError(f"retention policy {name!r} is one of tenantdb's own: use its "
+                         f"selector, tenantdb.retention.get_stale_{name}()")
+    if policy is None:
+        raise _unknown_policy(name)
+    return _Rule(policy.name, policy.model, policy.time_column, action=policy.action,
+                 scrub_columns=policy.scrub_columns, window=policy.window)
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _IDENTIFIER_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"retention policy name {name!r}: lower-case letters, digits and _")
     if name in {p.value for p in RetentionPolicy}:
         raise ValueError(f"retention policy {name!r} is one of tenantdb's own")
@@ -203,52 +157,16 @@ def _check_name(name: str) -> None:
         raise ValueError(f"retention policy {name!r} is already registered")
 
 
-def _policy(name: str) -> TableRetentionPolicy:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        known = ", ".join([p.value for p in RetentionPolicy] + list(_REGISTRY))
-        raise ValueError(f"unknown retention policy {name!r}: use one of {known}") from None
-
-
-def _primary_key(model: type[TenantModel]) -> list[peewee.Field]:
-    pk: Any = model._meta.primary_key
-    if isinstance(pk, peewee.CompositeKey):
-        return [model._meta.fields[name] for name in pk.field_names]
-    return [pk]
-
-
-def _quote(name: str) -> str:
-    if not _IDENTIFIER_RE.match(name):
-        raise ValueError(f"{name!r}: retention policies need lower-case table and column names")
-    return f'"{name}"'
-
-
-def _batch_sql(model: type[TenantModel], time_column: str, action: str,
-               scrub: tuple[str, ...], keys: list[str]) -> str:
-    table = _quote(model._meta.table_name)
+def _check_scrub(name: str, model: type[TenantModel], time_column: str, action: str,
+                 scrub: tuple[str, ...]) -> None:
+    if (action == "scrub") != bool(scrub):
+        raise ValueError(f"retention policy {name!r}: scrub_columns go with action='scrub' "
+                         "(and it needs at least one)")
     fields = model._meta.fields
-    scrub_cols = [_quote(fields[c].column_name) for c in scrub]
-    if action == "delete":
-        act, extra = DELETE_SQL.format(table=table), ""
-    else:
-        act = SCRUB_SQL.format(table=table,
-                               assignments=", ".join(f"{c} = NULL" for c in scrub_cols))
-        extra = "AND (" + " OR ".join(f"{c} IS NOT NULL" for c in scrub_cols) + ")"
-    quoted = [_quote(k) for k in keys]
-    return TABLE_BATCH_SQL.format(
-        table=table, time=_quote(fields[time_column].column_name), keys=", ".join(quoted),
-        match=" AND ".join(f"t.{k} = batch.{k}" for k in quoted), action=act, extra=extra,
-        org="{org}")
-
-
-def _predicate(policy: TableRetentionPolicy, cutoff: datetime) -> Any:
-    model = policy.model
-    stale = getattr(model, policy.time_column) < cutoff
-    if policy.action == "scrub":
-        kept = [getattr(model, c).is_null(False) for c in policy.scrub_columns]
-        any_kept = kept[0]
-        for term in kept[1:]:
-            any_kept = any_kept | term
-        stale = stale & any_kept
-    return stale
+    meta: Any = model._meta  # peewee's stubs leave get_primary_keys untyped
+    keys = {field.name for field in meta.get_primary_keys()}
+    for col in scrub:
+        fld = fields.get(col)
+        if fld is None or not fld.null or col in (*keys, time_column):
+            raise ValueError(f"retention policy {name!r}: {model.__name__}.{col} is not a "
+                             "nullable, non-key field to scrub")

@@ -1,38 +1,47 @@
-"""Shared fixtures of tenantdb's own suite (the plugin's fixtures load through pytest11)."""
+"""Shared fixtures of tenantdb's own suite (the plugin's fixtures load through pytest11).
+
+Test modules import types and helpers from ``tenancy_fixtures`` and ``helpers``, never from
+this file: pytest loads it as a plugin, and importing it again as a module would run it
+twice.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import StatementLog, admin_execute
 from psycopg2 import sql
+from tenancy_fixtures import TwoOrgs, make_twins
 
-from tenantdb.db import execute_once as admin_execute
 from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 
 pytest_plugins = ["pytester", "citus_support"]
 
 
-@dataclass(frozen=True)
-class TwoOrgs:
-    a: uuid.UUID
-    b: uuid.UUID
-
-
 @pytest.fixture
 def two_orgs(tenant_db: object) -> TwoOrgs:
-    """Orgs A and B in the test transaction."""
+    """Orgs A and B in the test transaction, holding no rows yet."""
     a = create_org("Org A", f"a-{uuid.uuid4().hex[:10]}")
     b = create_org("Org B", f"b-{uuid.uuid4().hex[:10]}")
     return TwoOrgs(a.id, b.id)
+
+
+@pytest.fixture
+def twins(tenant_db: object) -> TwoOrgs:
+    """Twin orgs A and B in the test transaction: rows with identical ids and natural keys
+    in every tenant table (``tenancy_fixtures.IDS``)."""
+    return make_twins()
+
+
+@pytest.fixture
+def committed_twins(tenantdb_committed: object) -> TwoOrgs:
+    """:func:`twins`, committed (for tests that need other connections to see them)."""
+    return make_twins()
 
 
 @pytest.fixture
@@ -45,31 +54,6 @@ def empty_database_url(tenantdb_database: TestDatabase) -> Iterator[str]:
     finally:
         admin_execute(tenantdb_database.url, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                       .format(sql.Identifier(name)))
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for a `python -m tenantdb` subprocess: no inherited tenantdb URLs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TENANTDB_", "PG"))}
-    env.pop("DATABASE_URL", None)
-    env.pop("REDIS_URL", None)
-    env.update(extra)
-    return env
-
-
-PYTHON = sys.executable
-
-
-class StatementLog(logging.Handler):
-    """The statements peewee sends from this thread (peewee logs each at DEBUG)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.thread = threading.get_ident()
-        self.statements: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.statements.append(str(record.msg))
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
-"""Twin orgs: A and B hold rows with identical ids and identical natural keys in every
-tenant table, so any predicate that forgets the org pairs or returns B's rows."""
+"""Two orgs, the one type for them, and twin orgs: A and B holding rows with identical ids
+and identical natural keys in every tenant table, so any predicate that forgets the org
+pairs or returns B's rows. The fixtures (``two_orgs``, ``twins``, ``committed_twins``) are
+in conftest."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from tenantdb.models import (
     AgentRun,
@@ -19,23 +21,26 @@ from tenantdb.models import (
 )
 from tenantdb.orgs import create_org
 
+__all__ = ["IDS", "UNIT", "TwoOrgs", "fill_org", "make_twins"]
+
 IDS = {name: uuid.uuid4() for name in (
     "user", "token", "destination", "item", "embedding", "run", "itinerary")}
 UNIT = [1.0] + [0.0] * 1535
 
 
-@dataclass(frozen=True)
-class Twins:
+class TwoOrgs(NamedTuple):
+    """Orgs A and B of a test (``twins.a``, or ``a, b = twins``)."""
+
     a: uuid.UUID
     b: uuid.UUID
 
 
-def make_twins() -> Twins:
+def make_twins() -> TwoOrgs:
     a = create_org("Twin A", f"twin-a-{uuid.uuid4().hex[:8]}").id
     b = create_org("Twin B", f"twin-b-{uuid.uuid4().hex[:8]}").id
     for org in (a, b):
         fill_org(org)
-    return Twins(a, b)
+    return TwoOrgs(a, b)
 
 
 def fill_org(org: uuid.UUID) -> None:

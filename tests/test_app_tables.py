@@ -20,7 +20,8 @@ import psycopg2
 import psycopg2.errors
 import pytest
 from app_schema.models import LOCATION, SEEDS, TripBoard, TripNote
-from conftest import PYTHON, TwoOrgs, cli_env
+from helpers import PYTHON, cli_env
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb import migrate
 from tenantdb.check import table_violations
@@ -71,7 +72,7 @@ def app_schema(tenantdb_database: TestDatabase) -> Iterator[str]:
 
 
 @pytest.fixture
-def twins(two_orgs: TwoOrgs) -> dict[str, uuid.UUID]:
+def twin_notes(two_orgs: TwoOrgs) -> dict[str, uuid.UUID]:
     """Orgs A and B holding a destination, a board and a note with the same ids."""
     ids = {"dest": uuid.uuid4(), "board": uuid.uuid4(), "note": uuid.uuid4()}
     for org, tag in ((two_orgs.a, "A"), (two_orgs.b, "B")):
@@ -132,16 +133,16 @@ def test_protect_is_idempotent(app_schema: str) -> None:
 
 
 def test_model_reads_stay_in_their_org(tenant_db: TenantDatabase, two_orgs: TwoOrgs,
-                                       twins: dict[str, uuid.UUID]) -> None:
+                                       twin_notes: dict[str, uuid.UUID]) -> None:
     a, b = two_orgs.a, two_orgs.b
     assert [n.body for n in TripNote.select(org_id=a)] == ["note of A"]
-    note = TripNote.get_by_id(twins["note"], org_id=b)
+    note = TripNote.get_by_id(twin_notes["note"], org_id=b)
     assert note.body == "note of B"
     assert note.board.title == "Summer B"  # app table -> app table
     assert note.destination.org_id == b  # app table -> package table
-    board = TripBoard.get_by_id(twins["board"], org_id=a)
+    board = TripBoard.get_by_id(twin_notes["board"], org_id=a)
     assert [n.body for n in board.notes] == ["note of A"]
-    dest = Destination.get_by_id(twins["dest"], org_id=a)
+    dest = Destination.get_by_id(twin_notes["dest"], org_id=a)
     assert [n.body for n in dest.trip_notes] == ["note of A"]
     boards = prefetch(TripBoard.select(org_id=a), TripNote)
     assert [[n.body for n in bd.notes] for bd in boards] == [["note of A"]]
@@ -151,29 +152,29 @@ def test_model_reads_stay_in_their_org(tenant_db: TenantDatabase, two_orgs: TwoO
 
 
 def test_model_writes_stay_in_their_org(tenant_db: TenantDatabase, two_orgs: TwoOrgs,
-                                        twins: dict[str, uuid.UUID]) -> None:
+                                        twin_notes: dict[str, uuid.UUID]) -> None:
     a, b = two_orgs.a, two_orgs.b
     TripNote.update({TripNote.body: "changed"}, org_id=a).execute()
-    note = TripNote.get_by_id(twins["note"], org_id=a)
+    note = TripNote.get_by_id(twin_notes["note"], org_id=a)
     note.body = "saved"
     note.save()
-    assert TripNote.get_by_id(twins["note"], org_id=b).body == "note of B"
-    TripNote.get_by_id(twins["note"], org_id=a).delete_instance()
-    assert TripNote.get_by_id(twins["note"], org_id=b).body == "note of B"
+    assert TripNote.get_by_id(twin_notes["note"], org_id=b).body == "note of B"
+    TripNote.get_by_id(twin_notes["note"], org_id=a).delete_instance()
+    assert TripNote.get_by_id(twin_notes["note"], org_id=b).body == "note of B"
     TripBoard.delete(org_id=a).execute()
     assert TripBoard.select(org_id=b).count() == 1
     assert TripNote.select(org_id=b).count() == 1
 
 
 def test_model_entry_points_refuse_a_missing_or_foreign_org(
-        tenant_db: TenantDatabase, two_orgs: TwoOrgs, twins: dict[str, uuid.UUID]) -> None:
+        tenant_db: TenantDatabase, two_orgs: TwoOrgs, twin_notes: dict[str, uuid.UUID]) -> None:
     with pytest.raises(MissingOrgError):
         TripNote.select()
     with pytest.raises(UnscopedQueryError):
         database.execute_sql("SELECT count(*) FROM trip_note")
-    note = TripNote.get_by_id(twins["note"], org_id=two_orgs.a)
+    note = TripNote.get_by_id(twin_notes["note"], org_id=two_orgs.a)
     with pytest.raises(CrossOrgError):
-        note.board = TripBoard.get_by_id(twins["board"], org_id=two_orgs.b)
+        note.board = TripBoard.get_by_id(twin_notes["board"], org_id=two_orgs.b)
     with pytest.raises(CrossOrgError):
         note.org_id = two_orgs.b
 
@@ -186,15 +187,15 @@ def test_composite_keys_refuse_a_reference_to_another_org(
 
 
 def test_raw_sql_under_row_level_security(tenant_db: TenantDatabase, two_orgs: TwoOrgs,
-                                          twins: dict[str, uuid.UUID]) -> None:
+                                          twin_notes: dict[str, uuid.UUID]) -> None:
     a, b = two_orgs.a, two_orgs.b
     # No org predicate on purpose: row-level security is the wall.
     rows = execute_scoped(a, "SELECT body FROM trip_note WHERE id = %s",
-                          [twins["note"]]).fetchall()
+                          [twin_notes["note"]]).fetchall()
     assert rows == [("note of A",)]
-    execute_scoped(a, "UPDATE trip_note SET body = 'raw' WHERE id = %s", [twins["note"]])
-    execute_scoped(a, "DELETE FROM trip_board WHERE id = %s", [twins["board"]])
-    assert TripNote.get_by_id(twins["note"], org_id=b).body == "note of B"
+    execute_scoped(a, "UPDATE trip_note SET body = 'raw' WHERE id = %s", [twin_notes["note"]])
+    execute_scoped(a, "DELETE FROM trip_board WHERE id = %s", [twin_notes["board"]])
+    assert TripNote.get_by_id(twin_notes["note"], org_id=b).body == "note of B"
     assert TripBoard.select(org_id=b).count() == 1
     with pytest.raises(peewee.DatabaseError, match="row-level security"), database.atomic():
         execute_scoped(a, "INSERT INTO trip_board (org_id, title) VALUES (%s, 'sneaky')", [b])
@@ -465,3 +466,31 @@ def test_bad_retention_registration_is_refused(kwargs: dict[str, Any], message: 
                                   window=timedelta(days=1))
     with pytest.raises(ValueError, match="unknown retention policy 'nope'"):
         purge("nope")
+
+
+def test_cli_retention_lists_and_purges_the_application_policies(
+        app_schema: str, tenantdb_committed: TenantDatabase) -> None:
+    org = create_org("CLI", f"cli-{uuid.uuid4().hex[:10]}").id
+    board = TripBoard.create(org_id=org, title="Winter")
+    long_ago = datetime.now(timezone.utc) - timedelta(days=40)
+    for _ in range(2):
+        TripNote.create(org_id=org, board_id=board.id, body="old", created_at=long_ago)
+    TripNote.create(org_id=org, board_id=board.id, body="fresh")
+    env = cli_env(TENANTDB_DATABASE_URL=app_schema, PYTHONPATH=str(LOCATION.parent.parent))
+    command = [PYTHON, "-m", "tenantdb", "retention", "--org", str(org),
+               "--models", "app_schema.models"]
+
+    listed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
+                            check=False)
+    assert listed.returncode == 0, listed.stderr
+    counts = {line.split()[0]: line.split()[-1] for line in listed.stdout.splitlines()[2:]
+              if not line.startswith("dry run")}
+    assert counts["trip_notes"] == "2" and counts["trip_note_places"] == "0"
+    assert TripNote.select(org_id=org).count() == 3
+
+    purged = subprocess.run([*command, "--purge", "--batch-size", "1"], env=env,
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged trip_notes: 2" in purged.stdout
+    assert "purging trip_notes: 2/2" in purged.stderr
+    assert [n.body for n in TripNote.select(org_id=org)] == ["fresh"]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psycopg2
 import pytest
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 
 from tenantdb import citus, knowledge, migrate
 from tenantdb.check import check_schema

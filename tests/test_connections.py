@@ -20,8 +20,9 @@ import peewee
 import psycopg2
 import psycopg2.errors
 import pytest
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 from playhouse.pool import MaxConnectionsExceeded
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb import db, embedded, migrate
 from tenantdb.errors import (
@@ -35,7 +36,6 @@ from tenantdb.errors import (
     UnscopedQueryError,
 )
 from tenantdb.models import Destination, Org
-from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase, admit_all_threads, admit_threads
 from tenantdb.settings import override_settings
 from tenantdb.tenancy import cross_org
@@ -79,21 +79,11 @@ def run_threads(count: int, target: Callable[[int], None]) -> None:
         assert not thread.is_alive(), "a worker hung"
 
 
-@pytest.fixture
-def twins(tenantdb_committed: db.TenantDatabase) -> tuple[uuid.UUID, uuid.UUID]:
-    orgs = []
-    for name in ("A", "B"):
-        org = create_org(name, f"{name.lower()}-{uuid.uuid4().hex[:8]}").id
-        Destination.create(org_id=org, name="Lisbon")
-        orgs.append(org)
-    return orgs[0], orgs[1]
-
-
 # -- borrowed per statement ---------------------------------------------------------------
 
 
 def test_fifty_threads_share_a_pool_of_five_without_close(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     errors: list[BaseException] = []
     peak = 0
     done = threading.Event()
@@ -109,7 +99,7 @@ def test_fifty_threads_share_a_pool_of_five_without_close(
             conn.close()
 
     def worker(index: int) -> None:
-        org = twins[index % 2]
+        org = committed_twins[index % 2]
         for _ in range(40):  # 50 x 40 = 2,000 scoped statements, never a close()
             try:
                 assert {d.org_id for d in Destination.select(org_id=org)} == {org}
@@ -133,11 +123,11 @@ def test_fifty_threads_share_a_pool_of_five_without_close(
 
 
 def test_a_thread_that_never_closes_holds_no_connection_between_statements(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     ran, release = threading.Event(), threading.Event()
 
     def idle_thread() -> None:
-        Destination.select(org_id=twins[0]).count()
+        Destination.select(org_id=committed_twins[0]).count()
         ran.set()
         release.wait(30)  # alive, never calls close()
 
@@ -148,7 +138,7 @@ def test_a_thread_that_never_closes_holds_no_connection_between_statements(
         try:
             assert ran.wait(30)
             started = time.monotonic()
-            assert Destination.select(org_id=twins[1]).count() == 1
+            assert Destination.select(org_id=committed_twins[1]).count() == 1
             assert time.monotonic() - started < 1.5  # no wait for the pool's only connection
         finally:
             release.set()
@@ -156,12 +146,12 @@ def test_a_thread_that_never_closes_holds_no_connection_between_statements(
 
 
 def test_a_transaction_keeps_its_connection_until_it_ends(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=2):
         database = db.database
         with database.atomic():
             first = database.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
-            Destination.create(org_id=twins[0], name="Porto")
+            Destination.create(org_id=committed_twins[0], name="Porto")
             assert database.execute_sql("SELECT pg_backend_pid()").fetchone()[0] == first
             assert len(database._in_use) == 1
         assert len(database._in_use) == 0
@@ -172,21 +162,22 @@ def test_a_transaction_keeps_its_connection_until_it_ends(
         finally:
             database.rollback()
         assert len(database._in_use) == 0
-    assert Destination.select(org_id=twins[0]).where(Destination.name == "Porto").count() == 1
+    porto = Destination.select(org_id=committed_twins.a).where(Destination.name == "Porto")
+    assert porto.count() == 1
 
 
 # -- dead connections ---------------------------------------------------------------------
 
 
 def test_terminated_backends_mid_load_cost_at_most_the_statements_in_flight(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     failures: list[BaseException] = []
     finals: list[bool] = []
     terminated = 0
     stop = threading.Event()
 
     def worker(index: int) -> None:
-        org = twins[index % 2]
+        org = committed_twins[index % 2]
         while not stop.is_set():
             try:
                 if index % 3 == 0:  # writes outside a transaction are never retried
@@ -224,13 +215,13 @@ def test_terminated_backends_mid_load_cost_at_most_the_statements_in_flight(
 
 
 def test_idle_connections_killed_in_the_pool_are_replaced_without_an_error(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=3):
         warm = threading.Barrier(3)
 
         def warm_up(_: int) -> None:
             with db.database.atomic():
-                Destination.select(org_id=twins[0]).count()
+                Destination.select(org_id=committed_twins[0]).count()
                 warm.wait(10)  # three connections open at once, then all back in the pool
 
         run_threads(3, warm_up)
@@ -242,28 +233,28 @@ def test_idle_connections_killed_in_the_pool_are_replaced_without_an_error(
         time.sleep(0.2)
         # Writes are not retried: these succeed because the dead ones are never handed out.
         for n in range(5):
-            Destination.create(org_id=twins[1], name=f"after-{n}")
+            Destination.create(org_id=committed_twins[1], name=f"after-{n}")
 
 
 def test_a_connection_lost_in_a_transaction_fails_that_transaction_only(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=2):
         database = db.database
         killer = owner_conn(tenantdb_database.url)
         try:
             with pytest.raises(ConnectionLostError) as caught, database.atomic():
                 pid = database.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
-                Destination.create(org_id=twins[0], name="lost")
+                Destination.create(org_id=committed_twins[0], name="lost")
                 scalar(killer, "SELECT pg_terminate_backend(%s)", pid)
                 time.sleep(0.1)
-                Destination.create(org_id=twins[0], name="lost too")
+                Destination.create(org_id=committed_twins[0], name="lost too")
         finally:
             killer.close()
         assert isinstance(caught.value, peewee.OperationalError)
         assert isinstance(caught.value, peewee.InterfaceError)
         assert isinstance(caught.value.__cause__, psycopg2.Error)
         assert "retry the transaction" in str(caught.value)
-        assert Destination.select(org_id=twins[0]).where(
+        assert Destination.select(org_id=committed_twins[0]).where(
             Destination.name.startswith("lost")).count() == 0
         assert not database.in_transaction() and len(database._in_use) == 0
 
@@ -410,12 +401,12 @@ def test_cross_org_on_a_dead_admin_login_names_the_admin_setting(
 
 
 def test_pool_exhausted_names_the_settings_and_the_usual_cause(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         with db.database.atomic():
-            Destination.select(org_id=twins[0]).count()
+            Destination.select(org_id=committed_twins[0]).count()
             holding.set()
             release.wait(30)
 
@@ -426,11 +417,11 @@ def test_pool_exhausted_names_the_settings_and_the_usual_cause(
         try:
             assert holding.wait(30)
             with pytest.raises(PoolExhaustedError) as caught:
-                Destination.select(org_id=twins[1]).count()
+                Destination.select(org_id=committed_twins[1]).count()
         finally:
             release.set()
             worker.join()
-        assert Destination.select(org_id=twins[1]).count() == 1  # free again
+        assert Destination.select(org_id=committed_twins[1]).count() == 1  # free again
     assert isinstance(caught.value, MaxConnectionsExceeded)
     text = str(caught.value)
     assert "TENANTDB_POOL_SIZE=1" in text and "TENANTDB_POOL_TIMEOUT" in text
@@ -494,7 +485,7 @@ def test_application_connections_log_in_as_the_application_login(
 
 
 def test_cross_org_runs_on_the_admin_login_and_its_transactions_too(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_committed: db.TenantDatabase,
+        committed_twins: TwoOrgs, tenantdb_committed: db.TenantDatabase,
         tenantdb_database: TestDatabase) -> None:
     database = tenantdb_committed
     admin_user = psycopg2.extensions.parse_dsn(tenantdb_database.admin_url).get("user") or (
@@ -509,10 +500,10 @@ def test_cross_org_runs_on_the_admin_login_and_its_transactions_too(
     with cross_org(reason="test: admin transaction"), database.atomic():
         first = database.execute_sql("SELECT pg_backend_pid(), session_user").fetchone()
         assert database.admin.in_transaction() and database.in_transaction()
-        Destination.create(org_id=twins[1], name="admin-written")
+        Destination.create(org_id=committed_twins[1], name="admin-written")
         assert database.execute_sql("SELECT pg_backend_pid()").fetchone()[0] == first[0]
     assert first[1] == admin_user
-    assert Destination.select(org_id=twins[1]).count() == 2
+    assert Destination.select(org_id=committed_twins[1]).count() == 2
     assert len(database.admin._in_use) == 0
 
 
@@ -561,31 +552,31 @@ def test_tenant_db_takes_the_role_per_statement(org_id: uuid.UUID,
 
 
 def test_rows_stay_readable_after_the_connection_went_back_and_was_reused(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=1):
         cursor = db.database.execute_sql("SELECT generate_series(1, 500)")
         assert len(db.database._in_use) == 0  # given back before the rows are read
 
         def other() -> None:
             for _ in range(20):
-                Destination.select(org_id=twins[1]).count()
+                Destination.select(org_id=committed_twins[1]).count()
 
         run_threads(2, lambda _: other())
         assert [n for (n,) in cursor.fetchall()] == list(range(1, 501))
 
 
 def test_a_query_built_inside_cross_org_runs_without_it_outside(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_committed: db.TenantDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_committed: db.TenantDatabase) -> None:
     with cross_org(reason="test: built here"):
         query = Destination.select(Destination.org_id)
-        assert {d.org_id for d in query} == set(twins)
+        assert {d.org_id for d in query} == set(committed_twins)
     # Run outside the block: the application login, whose row-level security wants an org.
     with pytest.raises((peewee.DatabaseError, TenancyError)):
         list(query.clone())
 
 
 def test_a_held_connection_killed_between_statements_is_replaced(
-        twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_database: TestDatabase) -> None:
     with bound(tenantdb_database.app_url, tenantdb_database.url, pool_size=2):
         database = db.database
         database.connect()  # the old model: the thread holds one connection
@@ -597,7 +588,7 @@ def test_a_held_connection_killed_between_statements_is_replaced(
             finally:
                 killer.close()
             time.sleep(0.2)
-            Destination.create(org_id=twins[0], name="after the kill")  # no error
+            Destination.create(org_id=committed_twins[0], name="after the kill")  # no error
             assert database.execute_sql("SELECT pg_backend_pid()").fetchone()[0] != pid
         finally:
             database.close()

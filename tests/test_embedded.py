@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 
 from tenantdb import embedded
 from tenantdb.redis_client import redis_client

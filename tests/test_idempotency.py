@@ -13,9 +13,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import StatementLog, TwoOrgs
+from helpers import StatementLog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb.db import TenantDatabase, database
 from tenantdb.errors import MissingOrgError

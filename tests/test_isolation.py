@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
-from conftest import admin_execute
+from helpers import admin_execute
 from peewee import JOIN, SQL, Entity, Function, Value, fn
 from playhouse.postgres_ext import ServerSide
 from playhouse.shortcuts import update_model_from_dict
-from tenancy_fixtures import IDS, Twins, make_twins
+from tenancy_fixtures import IDS, TwoOrgs
 
 from tenantdb import migrate
 from tenantdb.check import check_schema
@@ -43,16 +43,6 @@ from tenantdb.orgs import create_org, delete_org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.retention import get_stale_agent_runs
 from tenantdb.tenancy import execute_scoped
-
-
-@pytest.fixture
-def twins(tenant_db: TenantDatabase) -> Twins:
-    return make_twins()
-
-
-@pytest.fixture
-def committed_twins(tenantdb_committed: TenantDatabase) -> Twins:
-    return make_twins()
 
 
 @pytest.fixture
@@ -76,7 +66,7 @@ def as_org(cur: Any, org: uuid.UUID) -> None:
     cur.execute("SELECT set_config('tenantdb.org_id', %s, false)", (str(org),))
 
 
-def b_destination(twins: Twins) -> str:
+def b_destination(twins: TwoOrgs) -> str:
     with cross_org(reason="test: read B's twin"):
         row = Destination.get(Destination.org_id == twins.b, Destination.id == IDS["destination"])
     return str(row.name)
@@ -85,14 +75,14 @@ def b_destination(twins: Twins) -> str:
 # -- 1. the org table ---------------------------------------------------------------------
 
 
-def test_org_select_without_an_org_is_refused(twins: Twins) -> None:
+def test_org_select_without_an_org_is_refused(twins: TwoOrgs) -> None:
     with pytest.raises(UnscopedQueryError, match="org"):
         list(Org.select())
     with pytest.raises(UnscopedQueryError):
         Org.get(Org.slug.startswith("twin-"))
 
 
-def test_org_select_with_an_org_reads_that_org_only(twins: Twins) -> None:
+def test_org_select_with_an_org_reads_that_org_only(twins: TwoOrgs) -> None:
     assert [o.id for o in Org.select(org_id=twins.a)] == [twins.a]
     assert Org.get_by_id(twins.a).id == twins.a
     joined = (Destination.select(Destination.id, Org.name, org_id=twins.a)
@@ -100,7 +90,7 @@ def test_org_select_with_an_org_reads_that_org_only(twins: Twins) -> None:
     assert list(joined) == [(IDS["destination"], "Twin A")]
 
 
-def test_org_update_unscoped_is_refused_scoped_renames_one(twins: Twins) -> None:
+def test_org_update_unscoped_is_refused_scoped_renames_one(twins: TwoOrgs) -> None:
     with pytest.raises(UnscopedQueryError):
         Org.update(name="renamed").execute()
     with pytest.raises(UnscopedQueryError):
@@ -110,7 +100,7 @@ def test_org_update_unscoped_is_refused_scoped_renames_one(twins: Twins) -> None
 
 
 @pytest.mark.parametrize("write", ["delete", "delete_instance", "create", "insert"])
-def test_org_insert_and_delete_are_refused(twins: Twins, write: str) -> None:
+def test_org_insert_and_delete_are_refused(twins: TwoOrgs, write: str) -> None:
     with pytest.raises(UnscopedQueryError, match="admin work"):
         if write == "delete":
             Org.delete().where(Org.id == twins.b).execute()
@@ -124,7 +114,7 @@ def test_org_insert_and_delete_are_refused(twins: Twins, write: str) -> None:
 
 
 def test_app_login_sees_only_its_org_and_cannot_create_or_delete_orgs(
-        committed_twins: Twins, app_login: Any) -> None:
+        committed_twins: TwoOrgs, app_login: Any) -> None:
     a, b = committed_twins.a, committed_twins.b
     as_org(app_login, a)
     app_login.execute("SELECT id FROM org")
@@ -155,7 +145,7 @@ def test_app_login_sees_only_its_org_and_cannot_create_or_delete_orgs(
     lambda b: SQL("set_config('role', 'tenantdb_admin', true)"),
     lambda b: SQL("pg_catalog.set_config(%s, %s, true)", ["tenantdb.org_id", str(b)]),
 ], ids=["role", "org", "upper", "pg_catalog", "quoted", "sql-fragment", "sql-pg_catalog"])
-def test_scoped_query_cannot_change_settings(twins: Twins, column: Any) -> None:
+def test_scoped_query_cannot_change_settings(twins: TwoOrgs, column: Any) -> None:
     query = Destination.select(Destination.id, column(twins.b), org_id=twins.a)
     with pytest.raises(UnscopedQueryError):
         list(query)
@@ -164,7 +154,7 @@ def test_scoped_query_cannot_change_settings(twins: Twins, column: Any) -> None:
         list(where)
 
 
-def test_sql_fragment_cannot_add_a_statement(twins: Twins) -> None:
+def test_sql_fragment_cannot_add_a_statement(twins: TwoOrgs) -> None:
     query = Destination.select(Destination.id, SQL("1; SET ROLE tenantdb_admin; SELECT 1"),
                                org_id=twins.a)
     with pytest.raises(UnscopedQueryError):
@@ -186,7 +176,7 @@ def test_sql_fragment_cannot_add_a_statement(twins: Twins) -> None:
     "PREPARE p AS SELECT 1",
     "SELECT U&\"\\0073et_config\"('role', 'tenantdb_admin', true)",
 ], ids=lambda s: s[:30])
-def test_execute_scoped_refuses_setting_changes(twins: Twins, statement: str) -> None:
+def test_execute_scoped_refuses_setting_changes(twins: TwoOrgs, statement: str) -> None:
     with pytest.raises(UnscopedQueryError):
         execute_scoped(twins.a, statement, (str(twins.b),) if "%s" in statement else ())
 
@@ -210,7 +200,7 @@ def test_execute_sql_puts_planner_settings_back_to_default(tenant_db: TenantData
     assert tenant_db.execute_sql("SHOW hnsw.ef_search").fetchone() != ("321",)
 
 
-def test_model_raw_cannot_set_the_org_itself(twins: Twins) -> None:
+def test_model_raw_cannot_set_the_org_itself(twins: TwoOrgs) -> None:
     forged = ("SELECT set_config('tenantdb.org_id', %s, true); "
               "SELECT * FROM destination")
     with pytest.raises(UnscopedQueryError):
@@ -231,7 +221,7 @@ def test_execute_sql_refuses_setting_changes(tenant_db: TenantDatabase, statemen
         tenant_db.execute_sql(statement)
 
 
-def test_allowed_planner_setting_and_plain_sql_still_run(twins: Twins,
+def test_allowed_planner_setting_and_plain_sql_still_run(twins: TwoOrgs,
                                                          tenant_db: TenantDatabase) -> None:
     cursor = execute_scoped(twins.a, "SELECT set_config('hnsw.ef_search', '50', true); "
                             "SELECT count(*) FROM destination")
@@ -252,7 +242,7 @@ def test_app_login_cannot_take_a_bypassing_role(app_login: Any, statement: str) 
     assert app_login.fetchone() == (APP_ROLE, APP_ROLE)
 
 
-def test_app_login_savepoint_and_copy_stay_in_the_org(committed_twins: Twins,
+def test_app_login_savepoint_and_copy_stay_in_the_org(committed_twins: TwoOrgs,
                                                        app_login: Any) -> None:
     app_login.execute("BEGIN")
     app_login.execute("SELECT set_config('tenantdb.org_id', %s, true)",
@@ -269,7 +259,7 @@ def test_app_login_savepoint_and_copy_stay_in_the_org(committed_twins: Twins,
     app_login.execute("ROLLBACK")
 
 
-def test_app_login_reset_role_goes_nowhere(committed_twins: Twins, app_login: Any) -> None:
+def test_app_login_reset_role_goes_nowhere(committed_twins: TwoOrgs, app_login: Any) -> None:
     app_login.execute("RESET ROLE")
     app_login.execute("SELECT current_user, rolsuper, rolbypassrls FROM pg_roles "
                       "WHERE rolname = current_user")
@@ -286,7 +276,7 @@ def _current_user(database: TenantDatabase) -> str:
 
 
 def test_cross_org_inside_atomic_leaves_the_app_connection_as_the_app(
-        committed_twins: Twins, tenantdb_committed: TenantDatabase) -> None:
+        committed_twins: TwoOrgs, tenantdb_committed: TenantDatabase) -> None:
     # The library's own paths of class 2: cross_org work inside the application's
     # transaction, then ROLLBACK TO SAVEPOINT, begin(), and a raw DB-API cursor (COPY).
     database = tenantdb_committed
@@ -316,7 +306,7 @@ def test_cross_org_inside_atomic_leaves_the_app_connection_as_the_app(
 # -- 3. no permission travels with a query -------------------------------------------------
 
 
-def test_query_built_inside_cross_org_is_refused_outside(twins: Twins) -> None:
+def test_query_built_inside_cross_org_is_refused_outside(twins: TwoOrgs) -> None:
     with cross_org(reason="test: build only"):
         query = Destination.select()
         assert query.count() == 2
@@ -326,7 +316,7 @@ def test_query_built_inside_cross_org_is_refused_outside(twins: Twins) -> None:
         list(query.where(Destination.id == IDS["destination"]))
 
 
-def test_retention_selector_rewritten_reads_no_other_org(twins: Twins) -> None:
+def test_retention_selector_rewritten_reads_no_other_org(twins: TwoOrgs) -> None:
     tomorrow = datetime.now(timezone.utc) + timedelta(days=1)
     stale = get_stale_agent_runs(0.001, all_orgs=True, now=tomorrow)
     rewritten = stale.select(User.email, User.password_hash).from_(AgentRun, User)
@@ -340,7 +330,7 @@ def test_retention_selector_rewritten_reads_no_other_org(twins: Twins) -> None:
         assert {r.org_id for r in stale} == {twins.a, twins.b}
 
 
-def test_statement_nesting_a_cross_org_query_is_verified_whole(twins: Twins) -> None:
+def test_statement_nesting_a_cross_org_query_is_verified_whole(twins: TwoOrgs) -> None:
     with cross_org(reason="test: build only"):
         inner = Destination.select(Destination.id)
     outer = Destination.select(org_id=twins.a).where(Destination.id.in_(inner))
@@ -358,7 +348,7 @@ def _suspended_generator() -> Iterator[Any]:
 
 
 def test_generator_suspended_inside_cross_org_grants_nothing_to_its_consumer(
-        twins: Twins, tenant_db: TenantDatabase) -> None:
+        twins: TwoOrgs, tenant_db: TenantDatabase) -> None:
     rows = _suspended_generator()
     first = next(rows)
     assert first.id == IDS["destination"]
@@ -372,7 +362,7 @@ def test_generator_suspended_inside_cross_org_grants_nothing_to_its_consumer(
         User.select()
 
 
-def test_generator_inside_the_consumers_own_block_does_not_hide_it(twins: Twins) -> None:
+def test_generator_inside_the_consumers_own_block_does_not_hide_it(twins: TwoOrgs) -> None:
     with cross_org(reason="test: consumer"):
         rows = _suspended_generator()
         next(rows)
@@ -381,7 +371,7 @@ def test_generator_inside_the_consumers_own_block_does_not_hide_it(twins: Twins)
     assert cross_org_reason() is None
 
 
-def test_thread_pool_job_after_an_open_generator_has_no_permission(twins: Twins) -> None:
+def test_thread_pool_job_after_an_open_generator_has_no_permission(twins: TwoOrgs) -> None:
     def leave_generator_open() -> Any:
         generator = _reason_generator()
         return next(generator), generator
@@ -448,7 +438,7 @@ def test_nested_blocks_and_exceptions_restore_the_outer_state() -> None:
         cross_org(reason=" ")
 
 
-def test_permission_reaches_callees_of_the_block(twins: Twins) -> None:
+def test_permission_reaches_callees_of_the_block(twins: TwoOrgs) -> None:
     def helper() -> int:
         return int(Destination.select().count())
 
@@ -459,7 +449,7 @@ def test_permission_reaches_callees_of_the_block(twins: Twins) -> None:
 # -- 4. rows keep their org ----------------------------------------------------------------
 
 
-def test_partial_load_remembers_its_org(twins: Twins) -> None:
+def test_partial_load_remembers_its_org(twins: TwoOrgs) -> None:
     row = (Destination.select(Destination.id, Destination.name, org_id=twins.a)
            .where(Destination.id == IDS["destination"]).get())
     assert row.org_id is None  # not selected
@@ -471,7 +461,7 @@ def test_partial_load_remembers_its_org(twins: Twins) -> None:
     assert b_destination(twins) == "Lisbon"
 
 
-def test_partial_load_with_org_set_in_data_cannot_write_elsewhere(twins: Twins) -> None:
+def test_partial_load_with_org_set_in_data_cannot_write_elsewhere(twins: TwoOrgs) -> None:
     row = (Destination.select(Destination.id, Destination.name, org_id=twins.a)
            .where(Destination.id == IDS["destination"]).get())
     row.__data__["org_id"] = twins.b  # around the accessor, as a careless helper might
@@ -481,7 +471,7 @@ def test_partial_load_with_org_set_in_data_cannot_write_elsewhere(twins: Twins) 
     assert b_destination(twins) == "Lisbon"
 
 
-def test_joined_rows_remember_the_org(twins: Twins) -> None:
+def test_joined_rows_remember_the_org(twins: TwoOrgs) -> None:
     trip = (Itinerary.select(Itinerary.id, Itinerary.user_id, User.id, User.email,
                              org_id=twins.a).join(User).get())
     with pytest.raises(CrossOrgError):
@@ -496,7 +486,7 @@ def unscoped_names() -> Any:
     return alias.select(alias.name).limit(1)
 
 
-def test_subquery_in_insert_values_is_verified(twins: Twins) -> None:
+def test_subquery_in_insert_values_is_verified(twins: TwoOrgs) -> None:
     with pytest.raises(UnscopedQueryError):
         Destination.insert(org_id=twins.a, name=unscoped_names()).execute()
     with pytest.raises(UnscopedQueryError):
@@ -504,14 +494,14 @@ def test_subquery_in_insert_values_is_verified(twins: Twins) -> None:
                                 org_id=twins.a).execute()
 
 
-def test_subquery_in_returning_is_verified(twins: Twins) -> None:
+def test_subquery_in_returning_is_verified(twins: TwoOrgs) -> None:
     query = Destination.insert(org_id=twins.a, name="x").returning(
         Destination.id, unscoped_names().alias("leak"))
     with pytest.raises(UnscopedQueryError):
         list(query.execute())
 
 
-def test_subquery_in_on_conflict_where_is_verified(twins: Twins) -> None:
+def test_subquery_in_on_conflict_where_is_verified(twins: TwoOrgs) -> None:
     query = Destination.insert(org_id=twins.a, id=IDS["destination"], name="x").on_conflict(
         conflict_target=[Destination.org_id, Destination.id],
         update={Destination.description: "hit"},
@@ -525,7 +515,7 @@ def test_subquery_in_on_conflict_where_is_verified(twins: Twins) -> None:
         query.execute()
 
 
-def test_subquery_in_window_partition_is_verified(twins: Twins) -> None:
+def test_subquery_in_window_partition_is_verified(twins: TwoOrgs) -> None:
     window = fn.ROW_NUMBER().over(partition_by=[unscoped_names()])
     with pytest.raises(UnscopedQueryError):
         list(Destination.select(Destination.id, window, org_id=twins.a))
@@ -534,7 +524,7 @@ def test_subquery_in_window_partition_is_verified(twins: Twins) -> None:
         list(Destination.select(Destination.id, ordered, org_id=twins.a))
 
 
-def test_compound_query_cte_list_is_verified(twins: Twins) -> None:
+def test_compound_query_cte_list_is_verified(twins: TwoOrgs) -> None:
     alias = Destination.alias()
     cte = alias.select(alias.id).cte("leak")
     union = (Destination.select(Destination.id, org_id=twins.a)
@@ -543,7 +533,7 @@ def test_compound_query_cte_list_is_verified(twins: Twins) -> None:
         list(union)
 
 
-def test_cte_named_like_a_tenant_table_is_refused(twins: Twins) -> None:
+def test_cte_named_like_a_tenant_table_is_refused(twins: TwoOrgs) -> None:
     cte = Destination.select(Destination.id, org_id=twins.a).cte("destination")
     alias = Destination.alias()
     query = (alias.select(alias.id).join(cte, on=(alias.id == cte.c.id))
@@ -554,7 +544,7 @@ def test_cte_named_like_a_tenant_table_is_refused(twins: Twins) -> None:
 
 @pytest.mark.parametrize("entity", [("destination",), ("public", "destination"),
                                     ('"destination"',), ("app_user",)])
-def test_entity_sources_naming_tenant_tables_are_refused(twins: Twins,
+def test_entity_sources_naming_tenant_tables_are_refused(twins: TwoOrgs,
                                                          entity: tuple[str, ...]) -> None:
     query = Destination.select(SQL("1"), org_id=twins.a).from_(Entity(*entity))
     with pytest.raises(UnscopedQueryError):
@@ -565,7 +555,7 @@ def test_entity_sources_naming_tenant_tables_are_refused(twins: Twins,
 
 
 @pytest.fixture
-def lonely(twins: Twins) -> uuid.UUID:
+def lonely(twins: TwoOrgs) -> uuid.UUID:
     """A destination of A with no itinerary; B gets one too."""
     ident = uuid.uuid4()
     for org in (twins.a, twins.b):
@@ -573,7 +563,7 @@ def lonely(twins: Twins) -> uuid.UUID:
     return ident
 
 
-def test_right_join_from_a_scoped_query(twins: Twins, lonely: uuid.UUID) -> None:
+def test_right_join_from_a_scoped_query(twins: TwoOrgs, lonely: uuid.UUID) -> None:
     rows = list(Itinerary.select(Itinerary.id, Destination.id, Destination.org_id,
                                  org_id=twins.a)
                 .join(Destination, JOIN.RIGHT_OUTER,
@@ -582,7 +572,7 @@ def test_right_join_from_a_scoped_query(twins: Twins, lonely: uuid.UUID) -> None
                                             (None, lonely, twins.a)], key=str)
 
 
-def test_full_join_from_a_scoped_query(twins: Twins, lonely: uuid.UUID) -> None:
+def test_full_join_from_a_scoped_query(twins: TwoOrgs, lonely: uuid.UUID) -> None:
     rows = list(Itinerary.select(Itinerary.org_id, Destination.org_id, Destination.id,
                                  org_id=twins.a)
                 .join(Destination, JOIN.FULL_OUTER,
@@ -591,7 +581,7 @@ def test_full_join_from_a_scoped_query(twins: Twins, lonely: uuid.UUID) -> None:
     assert {org for row in rows for org in row[:2]} - {None} == {twins.a}
 
 
-def test_lateral_join_correlated_by_org(twins: Twins) -> None:
+def test_lateral_join_correlated_by_org(twins: TwoOrgs) -> None:
     item = KnowledgeItem.alias()
     latest = (item.select(item.title)
               .where((item.org_id == Destination.org_id)
@@ -602,7 +592,7 @@ def test_lateral_join_correlated_by_org(twins: Twins) -> None:
     assert list(query.tuples()) == [("Lisbon", "Trams")]
 
 
-def test_recursive_cte_idiom(twins: Twins) -> None:
+def test_recursive_cte_idiom(twins: TwoOrgs) -> None:
     base_alias = Destination.alias()
     base = (base_alias.select(base_alias.org_id, base_alias.id, Value(1).alias("level"))
             .where(base_alias.org_id == twins.a)
@@ -616,7 +606,7 @@ def test_recursive_cte_idiom(twins: Twins) -> None:
     assert sorted(rows) == [(twins.a, 1), (twins.a, 2), (twins.a, 3)]
 
 
-def test_recursive_cte_idiom_on_scoped_queries(twins: Twins) -> None:
+def test_recursive_cte_idiom_on_scoped_queries(twins: TwoOrgs) -> None:
     base = (Destination.select(Destination.org_id, Destination.id, Value(1).alias("level"),
                                org_id=twins.a)
             .cte("walk", recursive=True, columns=("org_id", "id", "level")))
@@ -628,7 +618,7 @@ def test_recursive_cte_idiom_on_scoped_queries(twins: Twins) -> None:
     assert sorted(rows) == [(twins.a, 1), (twins.a, 2)]
 
 
-def test_recursive_cte_whose_org_column_is_not_scoped_is_refused(twins: Twins) -> None:
+def test_recursive_cte_whose_org_column_is_not_scoped_is_refused(twins: TwoOrgs) -> None:
     source = Destination.alias()
     base = (source.select(Value(str(twins.b)).alias("org_id"), source.id)
             .where(source.org_id == twins.a).cte("walk", recursive=True))
@@ -640,7 +630,7 @@ def test_recursive_cte_whose_org_column_is_not_scoped_is_refused(twins: Twins) -
         list(walk.select_from(walk.c.id))
 
 
-def test_left_join_without_a_match_keeps_the_foreign_key(twins: Twins) -> None:
+def test_left_join_without_a_match_keeps_the_foreign_key(twins: TwoOrgs) -> None:
     trip = (Itinerary.select(Itinerary, User, org_id=twins.a)
             .join(User, JOIN.LEFT_OUTER,
                   on=(Itinerary.user_id == User.id) & (User.email == "nobody"))
@@ -651,7 +641,7 @@ def test_left_join_without_a_match_keeps_the_foreign_key(twins: Twins) -> None:
     assert Itinerary.get_by_id(IDS["itinerary"], org_id=twins.a).user_id == IDS["user"]
 
 
-def test_server_side_cursor_is_server_side(twins: Twins, tenant_db: TenantDatabase) -> None:
+def test_server_side_cursor_is_server_side(twins: TwoOrgs, tenant_db: TenantDatabase) -> None:
     with tenant_db.atomic():
         rows = ServerSide(Destination.select(org_id=twins.a))
         first = next(rows)
@@ -661,7 +651,7 @@ def test_server_side_cursor_is_server_side(twins: Twins, tenant_db: TenantDataba
     assert {r.org_id for r in [first, *rest]} == {twins.a}
 
 
-def test_get_or_create_with_org_in_defaults(twins: Twins) -> None:
+def test_get_or_create_with_org_in_defaults(twins: TwoOrgs) -> None:
     row, created = Destination.get_or_create(org_id=twins.a, name="Faro",
                                              defaults={"org_id": twins.a})
     assert created and row.org_id == twins.a
@@ -679,7 +669,7 @@ def test_create_org_validates_before_sql(tenantdb_database: TestDatabase) -> Non
             create_org(name, slug)  # type: ignore[arg-type]
 
 
-def test_delete_org_purges_children_first_and_counts(twins: Twins) -> None:
+def test_delete_org_purges_children_first_and_counts(twins: TwoOrgs) -> None:
     with cross_org(reason="test: count before"):
         before = {m._meta.table_name: m.select().where(m.org_id == twins.b).count()
                   for m in (User, Destination, KnowledgeItem, Itinerary, AgentRun)}
@@ -694,7 +684,7 @@ def test_delete_org_purges_children_first_and_counts(twins: Twins) -> None:
     assert set(again.values()) == {0}
 
 
-def test_delete_org_is_restartable_after_a_failure(committed_twins: Twins,
+def test_delete_org_is_restartable_after_a_failure(committed_twins: TwoOrgs,
                                                    tenantdb_committed: TenantDatabase,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from tenantdb import orgs
@@ -727,7 +717,7 @@ def test_delete_org_refuses_bad_input_before_sql(tenantdb_database: TestDatabase
         delete_org(uuid.uuid4(), reason="x", batch_size=0)
 
 
-def test_org_row_read_as_one_org_cannot_be_saved_as_another(twins: Twins) -> None:
+def test_org_row_read_as_one_org_cannot_be_saved_as_another(twins: TwoOrgs) -> None:
     org = Org.select(org_id=twins.a).get()
     update_model_from_dict(org, {"id": str(twins.b), "name": "hijacked"})
     with pytest.raises(CrossOrgError):
@@ -735,7 +725,7 @@ def test_org_row_read_as_one_org_cannot_be_saved_as_another(twins: Twins) -> Non
     assert Org.get_by_id(twins.b).name == "Twin B"
 
 
-def test_cross_org_as_a_decorator_grants_each_call(twins: Twins) -> None:
+def test_cross_org_as_a_decorator_grants_each_call(twins: TwoOrgs) -> None:
     @cross_org(reason="test: decorated")
     def count_all() -> int:
         return int(Destination.select().count())
@@ -800,7 +790,7 @@ def test_check_flags_an_unprotected_org_table(empty_database_url: str) -> None:
     assert "org: row-level security is not forced (the owner bypasses it)" in problems
 
 
-def test_bulk_update_of_partial_rows_writes_their_own_org(twins: Twins) -> None:
+def test_bulk_update_of_partial_rows_writes_their_own_org(twins: TwoOrgs) -> None:
     rows = list(Destination.select(Destination.id, Destination.name, org_id=twins.a))
     for row in rows:
         row.name = "Bulk"

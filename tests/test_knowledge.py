@@ -22,7 +22,8 @@ import numpy as np
 import peewee
 import psycopg2
 import pytest
-from conftest import StatementLog, TwoOrgs
+from helpers import StatementLog
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb import knowledge
 from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase, database

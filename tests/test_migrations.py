@@ -11,7 +11,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import pytest
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 
 from tenantdb import migrate
 from tenantdb.errors import MigrationError

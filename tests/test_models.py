@@ -7,9 +7,9 @@ from typing import Any
 
 import peewee
 import pytest
-from conftest import TwoOrgs
 from pgvector.peewee import VectorField
 from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb.db import TenantDatabase
 from tenantdb.errors import MissingOrgError

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from conftest import TwoOrgs
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb.errors import MissingOrgError
 from tenantdb.models import Destination

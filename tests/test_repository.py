@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import TwoOrgs
+from helpers import StatementLog
+from tenancy_fixtures import TwoOrgs
 
+from tenantdb.context import require_org
 from tenantdb.errors import CrossOrgError, MissingOrgError
 from tenantdb.models import Destination, Org
 from tenantdb.repository import (
@@ -100,6 +102,24 @@ def test_repository_refuses_writes_to_another_org(orgs: TwoOrgs) -> None:
         repo.create(colour="red")
 
 
-def test_repository_org_is_checked_once(orgs: TwoOrgs) -> None:
+def test_repository_org_is_checked_once(orgs: TwoOrgs, monkeypatch: pytest.MonkeyPatch,
+                                        sql_log: StatementLog) -> None:
+    seen: list[object] = []
+
+    def spy(org_id: object, where: str) -> uuid.UUID:
+        seen.append(org_id)
+        return require_org(org_id, where)
+
+    monkeypatch.setattr("tenantdb.repository.require_org", spy)
     repo = TenantRepository(Destination, str(orgs.a))
     assert repo.org_id == orgs.a and isinstance(repo.org_id, uuid.UUID)
+    assert sql_log.statements == []  # checked without a round trip
+    repo.count()
+    repo.list(name="Porto")
+    repo.get(name="Faro")
+    repo.create(name="Braga")
+    repo.update({"country": "pt"}, name="Braga")
+    repo.delete(name="Braga")
+    # The text form was parsed once, at construction; every method reused that UUID.
+    assert [org for org in seen if not isinstance(org, uuid.UUID)] == [str(orgs.a)]
+    assert all(org is repo.org_id for org in seen[1:])

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import PYTHON, TwoOrgs, admin_execute, cli_env
+from helpers import PYTHON, admin_execute, cli_env
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb import retention
 from tenantdb.db import TenantDatabase, database
@@ -35,6 +36,7 @@ from tenantdb.retention import (
     purge,
 )
 from tenantdb.settings import override_settings
+from tenantdb.table_retention import get_stale_rows
 from tenantdb.tenancy import cross_org, execute_scoped
 
 EDGE = timedelta(seconds=5)
@@ -576,11 +578,10 @@ def test_every_purge_batch_uses_an_index(big_tables: tuple[datetime, uuid.UUID])
     cutoffs = get_retention_summary(now=now, all_orgs=True).cutoffs
     for policy in RetentionPolicy:
         for scoped in SCOPES:
-            sql = retention._batch_statement(policy, scoped)
             # The batch is joined back by primary key; a batch this much smaller than the
             # table makes that the planner's choice here, as 1000 rows do in a real table.
-            params = retention._batch_params(policy, cutoffs[policy],
-                                             org if scoped else None, 20)
+            sql, params = retention._batch_statement(
+                retention._RULES[policy], cutoffs[policy], now, org if scoped else None, 20)
             _assert_indexed(_plan(sql, params, org if scoped else None),
                             MODELS[policy]._meta.table_name)
 
@@ -654,3 +655,32 @@ def test_cli_bad_input_is_one_line_on_stderr(tenantdb_database: TestDatabase,
     assert done.returncode == 1
     assert message in done.stderr and done.stderr.count("\n") == 1
     assert len(all_keys(AgentRun)) == 4
+
+
+@pytest.mark.parametrize("scoped", SCOPES, ids=["every org", "one org"])
+@every_policy
+def test_selector_and_purge_batch_share_one_filter(tenant_db: TenantDatabase,
+                                                   org_id: uuid.UUID, policy: RetentionPolicy,
+                                                   scoped: bool) -> None:
+    now = utcnow()
+    org = org_id if scoped else None
+    selector_sql, selector_params = SELECTORS[policy](org_id=org, now=now,
+                                                      all_orgs=not scoped).sql()
+    cutoff = get_retention_summary(now=now, org_id=org_id).cutoffs[policy]
+    batch_sql, batch_params = retention._batch_statement(retention._RULES[policy], cutoff, now,
+                                                         org, 7)
+    where = selector_sql.split(" WHERE ", 1)[1]
+    # The batch locks what the selector selects: its WHERE, with its values, then its limit.
+    assert f"WHERE {where} ORDER BY" in batch_sql and "FOR UPDATE SKIP LOCKED" in batch_sql
+    assert batch_params == (*selector_params, 7)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("agent_runs", r"tenantdb's own: use its selector, tenantdb\.retention\.get_stale_agent_runs"),
+    ("nope", "unknown retention policy 'nope': use one of agent_runs"),
+    (7, "unknown retention policy 7"),
+])
+def test_table_selector_refuses_names_it_does_not_hold(tenantdb_database: TestDatabase,
+                                                       name: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_stale_rows(name, all_orgs=True)

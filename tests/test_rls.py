@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Iterator
 
 import psycopg2
 import pytest
-from conftest import PYTHON, admin_execute, cli_env
+from helpers import PYTHON, admin_execute, cli_env
+from tenancy_fixtures import TwoOrgs
 
 from tenantdb import migrate
 from tenantdb.check import check_schema
 from tenantdb.db import APP_ROLE, TenantDatabase
 from tenantdb.models import Destination
-from tenantdb.orgs import create_org
 from tenantdb.pytest_plugin import TestDatabase
 from tenantdb.tenancy import cross_org
-
-
-@pytest.fixture
-def committed_twins(tenantdb_committed: TenantDatabase) -> Iterator[tuple[uuid.UUID, uuid.UUID]]:
-    a = create_org("A", f"a-{uuid.uuid4().hex[:8]}").id
-    b = create_org("B", f"b-{uuid.uuid4().hex[:8]}").id
-    for org in (a, b):
-        Destination.create(org_id=org, name="Lisbon")
-    yield a, b
 
 
 def app_connection(url: str) -> psycopg2.extensions.connection:
@@ -35,7 +25,7 @@ def app_connection(url: str) -> psycopg2.extensions.connection:
 
 
 def test_raw_sql_as_app_role_without_org_errors(
-    committed_twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase
+    committed_twins: TwoOrgs, tenantdb_database: TestDatabase
 ) -> None:
     conn = app_connection(tenantdb_database.app_url)
     try:
@@ -52,7 +42,7 @@ def test_raw_sql_as_app_role_without_org_errors(
 
 
 def test_raw_sql_as_app_role_with_org_sees_only_that_org(
-    committed_twins: tuple[uuid.UUID, uuid.UUID], tenantdb_database: TestDatabase
+    committed_twins: TwoOrgs, tenantdb_database: TestDatabase
 ) -> None:
     a, b = committed_twins
     conn = app_connection(tenantdb_database.app_url)
@@ -77,7 +67,7 @@ def test_library_works_as_the_app_role(tenant_db: TenantDatabase) -> None:
 
 
 def test_pooled_checkout_after_commit_or_rollback_carries_no_org(
-    committed_twins: tuple[uuid.UUID, uuid.UUID], tenantdb_committed: TenantDatabase
+    committed_twins: TwoOrgs, tenantdb_committed: TenantDatabase
 ) -> None:
     a, _ = committed_twins
     with tenantdb_committed.atomic():
@@ -94,7 +84,7 @@ def test_pooled_checkout_after_commit_or_rollback_carries_no_org(
 
 
 def test_cross_org_role_does_not_outlive_its_statement_in_a_transaction(
-    committed_twins: tuple[uuid.UUID, uuid.UUID], tenantdb_committed: TenantDatabase
+    committed_twins: TwoOrgs, tenantdb_committed: TenantDatabase
 ) -> None:
     a, _ = committed_twins
     with tenantdb_committed.atomic():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 
 from tenantdb import migrate, seeds
 from tenantdb.db import TenantDatabase
