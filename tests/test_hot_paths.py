@@ -16,7 +16,7 @@ from typing import Any
 import peewee
 import pytest
 from peewee import Table
-from tenancy_fixtures import IDS, Twins, make_twins
+from tenancy_fixtures import IDS, TwoOrgs
 
 from tenantdb import planned, tenancy, verdicts
 from tenantdb.db import TenantDatabase
@@ -26,11 +26,6 @@ from tenantdb.tenancy import cross_org
 from tenantdb.verifier import register_tenant_table
 
 ROW_MODELS = [m for m in TENANT_MODELS if "id" in m._meta.fields]
-
-
-@pytest.fixture
-def twins(tenant_db: TenantDatabase) -> Twins:
-    return make_twins()
 
 
 @pytest.fixture
@@ -53,7 +48,7 @@ def walks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
 
 @pytest.mark.parametrize("model", ROW_MODELS, ids=lambda m: m.__name__)
-def test_get_by_id_reads_the_row_of_its_org_only(twins: Twins, model: Any) -> None:
+def test_get_by_id_reads_the_row_of_its_org_only(twins: TwoOrgs, model: Any) -> None:
     key = IDS[{"RefreshToken": "token", "KnowledgeItem": "item", "AgentRun": "run"}.get(
         model.__name__, model.__name__.lower())]
     for org in (twins.a, twins.b, twins.a):
@@ -63,7 +58,7 @@ def test_get_by_id_reads_the_row_of_its_org_only(twins: Twins, model: Any) -> No
         model.get_by_id(uuid.uuid4(), org_id=twins.a)
 
 
-def test_get_by_id_rows_equal_select_rows_clean_and_bound_to_their_org(twins: Twins) -> None:
+def test_get_by_id_rows_equal_select_rows_clean_and_bound_to_their_org(twins: TwoOrgs) -> None:
     fast = Itinerary.get_by_id(IDS["itinerary"], org_id=twins.a)
     slow = Itinerary.select(org_id=twins.a).where(Itinerary.id == IDS["itinerary"]).get()
     assert fast.__data__ == slow.__data__
@@ -76,7 +71,7 @@ def test_get_by_id_rows_equal_select_rows_clean_and_bound_to_their_org(twins: Tw
         fast.org_id = twins.b
 
 
-def test_get_by_id_builds_no_sql_after_the_first_call(twins: Twins,
+def test_get_by_id_builds_no_sql_after_the_first_call(twins: TwoOrgs,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     Destination.get_by_id(IDS["destination"], org_id=twins.a)
     built: list[object] = []
@@ -95,7 +90,7 @@ def test_get_by_id_builds_no_sql_after_the_first_call(twins: Twins,
     assert '"org_id" = %s' in statement.sql and '"id" = %s' in statement.sql
 
 
-def test_a_model_with_its_own_select_gets_by_id_through_it(twins: Twins) -> None:
+def test_a_model_with_its_own_select_gets_by_id_through_it(twins: TwoOrgs) -> None:
     hidden = ["Nothing"]
 
     class ListedDestination(Destination):
@@ -114,13 +109,13 @@ def test_a_model_with_its_own_select_gets_by_id_through_it(twins: Twins) -> None
         ListedDestination.get_by_id(IDS["destination"], org_id=twins.a)
 
 
-def test_get_by_id_inside_cross_org_reads_the_named_org(twins: Twins) -> None:
+def test_get_by_id_inside_cross_org_reads_the_named_org(twins: TwoOrgs) -> None:
     with cross_org("support looks at one org"):
         assert Destination.get_by_id(IDS["destination"], org_id=twins.b).description == \
             str(twins.b)
 
 
-def test_get_by_id_refuses_a_bad_key_as_the_long_way_does(twins: Twins,
+def test_get_by_id_refuses_a_bad_key_as_the_long_way_does(twins: TwoOrgs,
                                                           tenant_db: TenantDatabase) -> None:
     with pytest.raises(peewee.DataError), tenant_db.atomic():
         Destination.get(Destination.id == "not-a-uuid", org_id=twins.a)
@@ -128,9 +123,8 @@ def test_get_by_id_refuses_a_bad_key_as_the_long_way_does(twins: Twins,
         Destination.get_by_id("not-a-uuid", org_id=twins.a)
 
 
-def test_get_by_id_from_many_threads_each_gets_its_own_org(tenantdb_committed: TenantDatabase,
-                                                           ) -> None:
-    twins = make_twins()
+def test_get_by_id_from_many_threads_each_gets_its_own_org(committed_twins: TwoOrgs) -> None:
+    twins = committed_twins
     planned._statements.clear()  # the first use races too
     wrong: list[tuple[uuid.UUID, object]] = []
 
@@ -151,14 +145,14 @@ def test_get_by_id_from_many_threads_each_gets_its_own_org(tenantdb_committed: T
 # -- verdicts reused by SQL text -------------------------------------------------------------
 
 
-def test_a_reused_verdict_takes_the_org_of_the_new_statement(twins: Twins,
+def test_a_reused_verdict_takes_the_org_of_the_new_statement(twins: TwoOrgs,
                                                               walks: list[Any]) -> None:
     for org in (twins.a, twins.b, twins.a, twins.b):
         assert [d.description for d in Destination.select(org_id=org)] == [str(org)]
     assert len(walks) == 1
 
 
-def test_the_same_sql_with_two_orgs_is_walked_and_refused(twins: Twins,
+def test_the_same_sql_with_two_orgs_is_walked_and_refused(twins: TwoOrgs,
                                                           walks: list[Any]) -> None:
     same = Destination.select(org_id=twins.a).where(Destination.org_id == twins.a)
     assert len(list(same)) == 1
@@ -169,7 +163,7 @@ def test_the_same_sql_with_two_orgs_is_walked_and_refused(twins: Twins,
 
 
 def test_a_value_that_happened_to_equal_the_org_does_not_pin_its_place(
-        twins: Twins, walks: list[Any]) -> None:
+        twins: TwoOrgs, walks: list[Any]) -> None:
     Destination.create(org_id=twins.a, id=twins.a, name="Named after its org")
     walks.clear()
     query = Destination.select(org_id=twins.a)
@@ -190,7 +184,7 @@ def test_registering_a_tenant_table_forgets_the_verdicts(tenant_db: TenantDataba
     assert len(walks) == 2
 
 
-def test_the_remembered_shapes_are_bounded(twins: Twins, walks: list[Any],
+def test_the_remembered_shapes_are_bounded(twins: TwoOrgs, walks: list[Any],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verdicts, "MAX_SHAPES", 3)
     for size in range(1, 8):
@@ -198,7 +192,7 @@ def test_the_remembered_shapes_are_bounded(twins: Twins, walks: list[Any],
     assert 1 <= len(verdicts._shapes) <= 3
 
 
-def test_an_unscoped_query_is_refused_whatever_ran_before(twins: Twins,
+def test_an_unscoped_query_is_refused_whatever_ran_before(twins: TwoOrgs,
                                                           walks: list[Any]) -> None:
     assert len(list(Destination.select(org_id=twins.a))) == 1
     with cross_org("a query built here runs outside"):
@@ -229,7 +223,7 @@ def _shapes(a: uuid.UUID) -> list[Any]:
     ]
 
 
-def test_replayed_column_lists_are_peewees_own_sql(twins: Twins, tenant_db: TenantDatabase,
+def test_replayed_column_lists_are_peewees_own_sql(twins: TwoOrgs, tenant_db: TenantDatabase,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     context = tenant_db.get_sql_context
     replayed = [context().sql(q).query() for q in _shapes(twins.a) for _ in (1, 2)]
@@ -242,7 +236,7 @@ def test_replayed_column_lists_are_peewees_own_sql(twins: Twins, tenant_db: Tena
     assert replayed == own
 
 
-def test_replayed_column_lists_read_the_right_rows(twins: Twins) -> None:
+def test_replayed_column_lists_read_the_right_rows(twins: TwoOrgs) -> None:
     for _ in range(2):
         for query in _shapes(twins.a)[:4]:
             rows = list(query)
