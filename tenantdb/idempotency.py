@@ -42,7 +42,7 @@ from .errors import (
     UnknownUserError,
 )
 from .fingerprint import MAX_JSON_BYTES, MAX_JSON_DEPTH, Fingerprint, canonical_json, fingerprint
-from .tenancy import execute_scoped
+from .scoping import execute_scoped
 
 __all__ = [
     "DEFAULT_LEASE",

@@ -63,7 +63,7 @@ from .context import OrgLike, parse_uuid, require_org
 from .db import database
 from .embedder import Embedder, default_embedder, get_embedder, register_embedder
 from .models import EMBEDDING_DIMENSIONS, Embedding, KnowledgeItem
-from .tenancy import execute_scoped
+from .scoping import execute_scoped
 
 __all__ = [
     "EXACT_SCAN_FRACTION",

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from .context import OrgLike, require_org
 from .errors import CrossOrgError
-from .tenancy import TenantModel, TenantSelect, _pk_fields
+from .tenancy import TenantModel, TenantSelect
 
 __all__ = [
     "MAX_LIMIT",
@@ -55,7 +55,8 @@ def scoped_list(model: type[_M], org_id: OrgLike, /, limit: int = 50, offset: in
     """
     _check_page(limit, offset)
     query = scoped_query(model, org_id, **filters)
-    return list(query.order_by(*_pk_fields(model)).limit(limit).offset(offset))
+    keys = model._meta.get_primary_keys()  # type: ignore[no-untyped-call]
+    return list(query.order_by(*keys).limit(limit).offset(offset))
 
 
 def scoped_count(model: type[_M], org_id: OrgLike, /, **filters: Any) -> int:

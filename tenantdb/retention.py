@@ -36,12 +36,13 @@ from typing import Any
 
 from peewee import SQL, fn
 
-from .context import cross_org, cross_org_reason, require_org
+from .context import OrgLike, cross_org, cross_org_reason, require_org
 from .db import database
 from .errors import PurgeInTransactionError
 from .models import AgentRun, IdempotencyKey, Itinerary
+from .scoping import execute_scoped
 from .settings import get_settings
-from .tenancy import OrgLike, TenantModel, TenantSelect, execute_scoped
+from .tenancy import TenantModel, TenantSelect
 
 __all__ = [
     "PURGE_ORDER",

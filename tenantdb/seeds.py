@@ -31,6 +31,7 @@ from typing import Any
 import peewee
 from pgvector.peewee import VectorField
 
+from .context import cross_org
 from .db import database
 from .embedder import Embedder, default_embedder
 from .errors import SeedError
@@ -46,7 +47,7 @@ from .models import (
     RefreshToken,
     User,
 )
-from .tenancy import BaseModel, TenantForeignKey, TenantModel, cross_org
+from .tenancy import BaseModel, TenantForeignKey, TenantModel
 
 __all__ = [
     "DEMO_SEEDS",
@@ -180,7 +181,7 @@ def _parents(model: type[BaseModel]) -> list[str]:
 
 
 def _insert(file: Path, model: type[BaseModel], index: int, row: dict[str, Any]) -> bool:
-    pk = [model._meta.fields[name] for name in _pk_names(model)]
+    pk = _pk_fields(model)
     query = model.insert(**row).on_conflict(action="IGNORE", conflict_target=pk)
     try:
         with database.atomic():  # a savepoint, so the error names this record only
@@ -367,9 +368,13 @@ def _coercer(fld: peewee.Field) -> Callable[[Any], Any]:
     return _as_is
 
 
-def _pk_names(model: type[BaseModel]) -> Iterable[str]:
-    pk: Any = model._meta.primary_key
-    return list(pk.field_names) if isinstance(pk, peewee.CompositeKey) else [pk.name]
+def _pk_fields(model: type[BaseModel]) -> list[peewee.Field]:
+    # Peewee's key fields, in the CompositeKey's order (the table's PRIMARY KEY order).
+    return list(model._meta.get_primary_keys())  # type: ignore[no-untyped-call]
+
+
+def _pk_names(model: type[BaseModel]) -> list[str]:
+    return [field.name for field in _pk_fields(model)]
 
 
 def _where(model: type[BaseModel], index: int, row: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 import peewee
 
+from .context import OrgLike
 from .db import database
 from .errors import PurgeInTransactionError
 from .retention import (
@@ -38,7 +39,7 @@ from .retention import (
     _purge_arguments,
     _resolve_now,
 )
-from .tenancy import OrgLike, TenantModel, TenantSelect
+from .tenancy import TenantModel, TenantSelect
 
 __all__ = [
     "TableRetentionPolicy",

@@ -24,6 +24,7 @@ from peewee import JOIN, Case, ModelBase, ModelSelect, UUIDField, Value, chunked
 from .context import OrgLike, cross_org, cross_org_reason, require_org
 from .db import database
 from .errors import CrossOrgError, MissingOrgError
+from .scoping import execute_scoped
 from .verifier import ORG_COLUMN, register_tenant_table, verify
 
 __all__ = [
@@ -46,20 +47,6 @@ if TYPE_CHECKING:  # generic in peewee's stubs only
     _ModelSelect = ModelSelect[Any]
 else:
     _ModelSelect = ModelSelect
-
-
-def execute_scoped(org_id: OrgLike, sql: str, params: Sequence[Any] = (), /) -> Any:
-    """Run raw ``sql`` (``%s`` placeholders, ``%%`` for a literal ``%``) for one org; returns
-    the DB-API cursor.
-
-    The org is set for the statement's transaction in the same round trip, which is what
-    row-level security checks: rows of other orgs stay invisible even if ``sql`` forgets
-    its ``org_id`` predicate (write it anyway: it lets indexes work).
-
-    :raises MissingOrgError: no org, or not a UUID.
-    """
-    org = require_org(org_id, "execute_scoped()")
-    return database.execute_scoped_sql(org, sql, tuple(params))
 
 
 class BaseModel(peewee.Model):
