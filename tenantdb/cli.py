@@ -24,6 +24,7 @@ from . import citus_dev, embedded, migrate
 from .db import connect, owner_database_url
 from .errors import TenantDBError
 from .settings import get_settings
+from .validation import check_int
 
 __all__ = ["main"]
 
@@ -337,8 +338,8 @@ def _pgenv(args: argparse.Namespace) -> int:
 def _retention(args: argparse.Namespace) -> int:
     from .retention import PURGE_ORDER, get_retention_summary, purge
 
-    if args.batch_size < 1:  # refused before connecting, not after the summary
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # Refused before connecting, not after the summary.
+    check_int(args.batch_size, "--batch-size", minimum=1)
     connect()
     # Without --org the command is explicitly about every org.
     summary = get_retention_summary(org_id=args.org, all_orgs=args.org is None)

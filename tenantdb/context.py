@@ -19,8 +19,9 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar, cast
 
 from .errors import MissingOrgError
+from .validation import parse_uuid
 
-__all__ = ["OrgLike", "cross_org", "cross_org_reason", "parse_uuid", "require_org"]
+__all__ = ["OrgLike", "cross_org", "cross_org_reason", "require_org"]
 
 OrgLike = uuid.UUID | str
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -68,18 +69,6 @@ def require_org(org_id: object, where: str) -> uuid.UUID:
         f"{where} needs org_id=...: pass the org, or use cross_org(reason) for admin work"
         + ("" if org_id is None else f" (got {org_id!r})")
     )
-
-
-def parse_uuid(value: object) -> uuid.UUID | None:
-    """``value`` as a UUID (a UUID, or its text form), else ``None``."""
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            return None
-    return None
 
 
 class cross_org:  # noqa: N801 - used as a function: ``with cross_org(reason=...)``

@@ -59,11 +59,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .context import OrgLike, parse_uuid, require_org
+from .context import OrgLike, require_org
 from .db import database
 from .embedder import Embedder, default_embedder, get_embedder, register_embedder
 from .models import EMBEDDING_DIMENSIONS, Embedding, KnowledgeItem
 from .scoping import execute_scoped
+from .validation import check_int, check_optional_uuid
 
 __all__ = [
     "EXACT_SCAN_FRACTION",
@@ -683,15 +684,11 @@ def _check_norm(doubles: array.array[float], stored: array.array[float], norm: f
 
 
 def _check_k(k: object) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an int from 1 to {MAX_K}, got {k!r}")
+    check_int(k, "k", minimum=1, maximum=MAX_K)
 
 
 def _optional_uuid(value: object, name: str) -> uuid.UUID | None:
-    parsed = parse_uuid(value)
-    if value is None or parsed is not None:
-        return parsed
-    raise ValueError(f"{name} must be a UUID or None, got {value!r}")
+    return check_optional_uuid(value, name)
 
 
 def _check_texts(title: object, content: object, chunks: Sequence[object]) -> list[str]:

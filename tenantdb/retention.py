@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from .models import AgentRun, IdempotencyKey, Itinerary
 from .scoping import execute_scoped
 from .settings import get_settings
 from .tenancy import TenantModel, TenantSelect
+from .validation import check_aware_datetime, check_int, check_positive_number
 
 __all__ = [
     "PURGE_ORDER",
@@ -520,26 +520,19 @@ def _setting_windows() -> dict[RetentionPolicy, timedelta]:
 
 
 def _window(value: float | None, default: int, name: str, unit: str) -> timedelta:
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+    number = check_positive_number(default if value is None else value, name, unit=unit)
     try:
-        return timedelta(**{unit: value})
+        return timedelta(**{unit: number})
     except OverflowError:
         raise ValueError(f"{name}={value!r} is too long a window") from None
 
 
 def _check_count(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"purge(): {name} must be an integer of at least 1, got {value!r}")
+    check_int(value, name, minimum=1, where="purge()")
 
 
 def _check_aware(now: datetime) -> None:
-    if not isinstance(now, datetime) or now.utcoffset() is None:
-        raise ValueError(f"now must be a timezone-aware datetime (e.g. datetime.now(UTC)), "
-                         f"got {now!r}: a naive time would be read in the server's zone")
+    check_aware_datetime(now, "now")
 
 
 def _purge_arguments(batch_size: int, max_batches: int | None, org_id: OrgLike | None,
