@@ -19,7 +19,6 @@ names once their module is imported, after the package's tables and parents firs
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from .validation import (
     check_int,
     check_text,
     check_uuid,
+    check_vector,
     parse_aware_datetime,
     parse_date,
 )
@@ -330,13 +330,9 @@ def _as_bool(value: Any, name: str) -> bool:
 
 
 def _as_vector(value: Any, name: str) -> list[float]:
-    if not isinstance(value, list) or len(value) != EMBEDDING_DIMENSIONS:
-        size = len(value) if isinstance(value, list) else type(value).__name__
-        raise ValueError(f"{name} must be a list of {EMBEDDING_DIMENSIONS} numbers, got {size}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               for v in value):
-        raise ValueError(f"every element of {name} must be a finite number")
-    return [float(v) for v in value]
+    # The rule search_knowledge applies: a zero or float32-overflowing vector would give
+    # NaN distances once stored.
+    return check_vector(value, name, dimensions=EMBEDDING_DIMENSIONS).tolist()
 
 
 def _as_datetime(value: Any, name: str) -> datetime:

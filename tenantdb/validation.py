@@ -12,11 +12,13 @@ refused it (``"purge(): batch_size must be ..."``).
 
 from __future__ import annotations
 
+import array
 import math
 import numbers
 import re
 import reprlib
 import uuid
+from collections.abc import Iterable
 from datetime import date, datetime, timedelta, timezone
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "check_positive_timedelta",
     "check_text",
     "check_uuid",
+    "check_vector",
     "parse_aware_datetime",
     "parse_date",
     "parse_uuid",
@@ -54,6 +57,11 @@ _AWARE_TIME = re.compile(
     re.ASCII,
 )
 _AWARE_EXAMPLE = "e.g. 2026-05-01T09:00:00+00:00"
+# float32 is what pgvector stores and computes in: a larger finite double would become
+# infinite there, and a vector whose largest square is below the smallest normal float32
+# loses its norm (pgvector divides by a norm computed in float32: 0 gives NaN distances).
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 # Renders a refused value without building the whole repr of a huge string or list.
 _REPR = reprlib.Repr()
@@ -209,6 +217,58 @@ def check_text(value: object, name: str, /, *, where: str | None = None,
         return value
     what = "a string" if allow_empty else "a non-empty string"
     raise ValueError(_message(where, f"{name} must be {what}", value, hint))
+
+
+def check_vector(values: object, name: str, /, *, dimensions: int) -> array.array[float]:
+    """``values`` (a sequence of ``dimensions`` numbers, or a numpy array) as the float32
+    values pgvector will hold.
+
+    Every check runs in C over the whole vector (array, max, hypot): validating 1,536
+    values one by one in Python cost more than the exact scan of a small org.
+
+    :raises ValueError: not a sequence of numbers, another length, NaN or infinite values,
+        or a norm float32 cannot hold (all zeros, too small, too large).
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of {dimensions} floats, "
+                         f"got {type(values).__name__}")
+    tolist = getattr(values, "tolist", None)  # numpy arrays: Python floats in one C call
+    items = tolist() if callable(tolist) else values
+    try:
+        doubles = array.array("d", items if isinstance(items, Iterable) else values)
+    except TypeError:
+        culprit = next((v for v in values if not isinstance(v, numbers.Real)), None)
+        raise ValueError(f"{name} holds a {type(culprit).__name__}: only numbers") from None
+    if len(doubles) != dimensions:
+        raise ValueError(f"{name} has {len(doubles)} dimensions, not {dimensions}: embed "
+                         f"with a {dimensions}-dim model")
+    stored = array.array("f", doubles)  # what pgvector will hold: beyond float32 is inf
+    norm = math.hypot(*stored)  # NaN or inf if any value is
+    if not math.isfinite(norm):
+        raise ValueError(f"{name} holds NaN or infinite values (or beyond float32)")
+    _check_norm(doubles, stored, norm, name)
+    return stored
+
+
+def _check_norm(doubles: array.array[float], stored: array.array[float], norm: float,
+                name: str) -> None:
+    """Refuse a vector whose norm pgvector cannot compute in float32.
+
+    pgvector stores float32 and sums squares in float32: a component below ~1.4e-45 becomes
+    0, squares below ~1.2e-38 lose their precision and then vanish, and a sum of squares
+    beyond ~3.4e38 is infinite. Either way the cosine distance is NaN (or the stored
+    vector zero), so the largest square must be a normal float32 and the sum finite.
+    """
+    largest = max(map(abs, stored))
+    if largest == 0.0 and not any(doubles):
+        raise ValueError(f"{name} is all zeros: cosine distance to it is undefined")
+    if largest * largest < _FLOAT32_MIN_NORMAL:
+        raise ValueError(f"{name} is too small (largest |value| {largest:.3g}): its norm "
+                         "underflows in float32 and cosine distances to it would be NaN; "
+                         "normalise it to length 1")
+    if norm * norm > _FLOAT32_MAX:
+        raise ValueError(f"{name} is too large (norm {norm:.3g}): its squared norm "
+                         "overflows float32; normalise it to length 1")
 
 
 def _int_range(minimum: int | None, maximum: int | None) -> str:

@@ -24,6 +24,7 @@ from tenantdb.validation import (
     check_positive_timedelta,
     check_text,
     check_uuid,
+    check_vector,
     parse_aware_datetime,
     parse_date,
     parse_uuid,
@@ -211,6 +212,32 @@ def test_check_optional_uuid() -> None:
     assert check_optional_uuid(str(ORG), "destination_id") == ORG
     with pytest.raises(ValueError, match=r"destination_id must be a UUID .* or None"):
         check_optional_uuid("", "destination_id")
+
+
+# -- vectors ----------------------------------------------------------------------------------
+
+def test_check_vector_gives_the_float32_values() -> None:
+    stored = check_vector(np.full(4, 0.5), "q", dimensions=4)
+    assert stored.typecode == "f" and list(stored) == [0.5] * 4
+    assert list(check_vector([1, 0, 0], "q", dimensions=3)) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("abc", "must be a sequence of 3 floats"),
+    (b"abc", "must be a sequence of 3 floats"),
+    (3.0, "must be a sequence of 3 floats"),
+    ([1.0, "2", 3.0], "holds a str"),
+    ([1.0, None, 3.0], "holds a NoneType"),
+    ([1.0, 2.0], "has 2 dimensions, not 3"),
+    ([0.0, 0.0, 0.0], "all zeros"),
+    ([1.0, float("nan"), 0.0], "NaN or infinite"),
+    ([1.0, 1e39, 0.0], "NaN or infinite"),          # beyond float32
+    ([1e-30, 0.0, 0.0], "too small"),
+    ([3e38, 3e38, 0.0], "too large"),
+])
+def test_check_vector_refuses(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_vector(value, "q", dimensions=3)
 
 
 # -- text and messages ------------------------------------------------------------------------
