@@ -6,8 +6,9 @@ to :data:`SHOWN_CHARS` characters). Callers check before any SQL runs, so a refu
 argument leaves nothing half-written. ``where`` prefixes the message with the call that
 refused it (``"purge(): batch_size must be ..."``).
 
-``bool`` is refused wherever a number is asked for: ``True`` is an ``int`` to Python, but
-``limit=True`` is always a mistake.
+``bool`` is refused wherever a single number is asked for: ``True`` is an ``int`` to
+Python, but ``limit=True`` is always a mistake. (Vectors are checked in C as a whole, and a
+``True`` among 1,536 floats is read as ``1.0``.)
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = SHOWN_CHARS
 
 
+# NUMBERS
+
+
 def check_int(value: object, name: str, /, *, minimum: int | None = None,
               maximum: int | None = None, where: str | None = None,
               hint: str | None = None) -> int:
@@ -124,6 +128,9 @@ def check_positive_timedelta(value: object, name: str, /, *, where: str | None =
     raise ValueError(_message(where, f"{name} must be a positive timedelta", value, hint))
 
 
+# TIMES
+
+
 def check_aware_datetime(value: object, name: str, /, *, where: str | None = None) -> datetime:
     """``value`` as a timezone-aware ``datetime``.
 
@@ -167,6 +174,9 @@ def parse_date(value: object, name: str, /, *, where: str | None = None) -> date
             pass  # February 30th: refused below with the same message
     raise ValueError(_message(where, f"{name} must be an ISO 8601 date (e.g. 2026-05-01)",
                               value))
+
+
+# UUIDS, TEXT AND VECTORS
 
 
 def parse_uuid(value: object, /) -> uuid.UUID | None:
@@ -249,6 +259,9 @@ def check_vector(values: object, name: str, /, *, dimensions: int) -> array.arra
         raise ValueError(f"{name} holds NaN or infinite values (or beyond float32)")
     _check_norm(doubles, stored, norm, name)
     return stored
+
+
+# HELPERS
 
 
 def _check_norm(doubles: array.array[float], stored: array.array[float], norm: float,
