@@ -38,7 +38,7 @@ from tenantdb.idempotency import (
 )
 from tenantdb.models import User
 from tenantdb.orgs import create_org, delete_org
-from tenantdb.tenancy import execute_scoped
+from tenantdb.scoping import execute_scoped
 
 PLAIN_INSERT_SQL = """
 INSERT INTO idempotency_key (org_id, user_id, key, status, body_hash, ttl_until)

@@ -21,8 +21,9 @@ from .errors import (
 )
 from .orgs import create_org, delete_org
 from .repository import TenantRepository, scoped_count, scoped_get, scoped_list, scoped_query
+from .scoping import execute_scoped
 from .settings import Settings, get_settings
-from .tenancy import TenantForeignKey, TenantModel, execute_scoped, prefetch
+from .tenancy import TenantForeignKey, TenantModel, prefetch
 
 __all__ = [
     "ClaimInTransactionError",

@@ -24,6 +24,7 @@ from . import citus_dev, embedded, migrate
 from .db import connect, owner_database_url
 from .errors import TenantDBError
 from .settings import get_settings
+from .validation import check_int
 
 __all__ = ["main"]
 
@@ -339,8 +340,8 @@ def _retention(args: argparse.Namespace) -> int:
     from .retention import PURGE_ORDER, get_retention_summary, purge
     from .table_retention import registered_retention_policies
 
-    if args.batch_size < 1:  # refused before connecting, not after the summary
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # Refused before connecting, not after the summary.
+    check_int(args.batch_size, "--batch-size", minimum=1)
     _import_models(args.models)  # registers the application's policies
     connect()
     # Without --org the command is explicitly about every org.

@@ -19,6 +19,7 @@ from types import FrameType, TracebackType
 from typing import Any, NamedTuple, TypeVar, cast
 
 from .errors import MissingOrgError
+from .validation import parse_uuid
 
 __all__ = [
     "OrgLike",
@@ -26,7 +27,6 @@ __all__ = [
     "cross_org",
     "cross_org_reason",
     "org_unless_cross_org",
-    "parse_uuid",
     "require_org",
     "scope_of",
     "with_scope",
@@ -119,18 +119,6 @@ def with_scope(query: _Q, scope: Scope) -> _Q:
     """``query``, carrying ``scope`` (in its ``__dict__``, which Peewee's ``clone`` copies)."""
     query.__dict__["_tenantdb_scope"] = scope
     return query
-
-
-def parse_uuid(value: object) -> uuid.UUID | None:
-    """``value`` as a UUID (a UUID, or its text form), else ``None``."""
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            return None
-    return None
 
 
 class cross_org:  # noqa: N801 - used as a function: ``with cross_org(reason=...)``

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from .validation import check_int
+
 __all__ = ["Embedder", "HashingEmbedder", "default_embedder", "get_embedder",
            "register_embedder"]
 
@@ -50,9 +52,7 @@ class HashingEmbedder:
     """
 
     def __init__(self, dimensions: int = 1536) -> None:
-        if dimensions <= 0:
-            raise ValueError(f"dimensions must be positive, got {dimensions}")
-        self._dimensions = dimensions
+        self._dimensions = check_int(dimensions, "dimensions", minimum=1)
 
     @property
     def dimensions(self) -> int:

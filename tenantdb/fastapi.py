@@ -35,11 +35,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import ratelimit, web
-from .context import parse_uuid, require_org
+from .context import require_org
 from .db import database
 from .errors import ClaimInTransactionError, TenancyError, TenantDBError, UnknownUserError
 from .fingerprint import MAX_JSON_BYTES, Fingerprint
 from .models import User
+from .validation import parse_uuid
 
 __all__ = [
     "IdempotentRequest",

@@ -33,7 +33,7 @@ import peewee
 from psycopg2.extras import Json
 
 from .citus import violated_constraint
-from .context import OrgLike, parse_uuid, require_org
+from .context import OrgLike, require_org
 from .db import database
 from .errors import (
     ClaimInTransactionError,
@@ -42,7 +42,14 @@ from .errors import (
     UnknownUserError,
 )
 from .fingerprint import MAX_JSON_BYTES, MAX_JSON_DEPTH, Fingerprint, canonical_json, fingerprint
-from .tenancy import execute_scoped
+from .scoping import execute_scoped
+from .validation import (
+    check_aware_datetime,
+    check_int,
+    check_positive_timedelta,
+    check_text,
+    check_uuid,
+)
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -296,8 +303,8 @@ def begin(
     org, user = _check_owner(key, org_id, user_id, "begin()")
     _check_hash(body_hash, "body_hash")
     _check_hash(headers_hash, "headers_hash", allow_empty=True)
-    _check_period(ttl, "ttl")
-    _check_period(lease, "lease")
+    check_positive_timedelta(ttl, "ttl", where="begin()")
+    check_positive_timedelta(lease, "lease", where="begin()")
     if lease > ttl:
         raise ValueError(f"begin(): lease={lease} outlives ttl={ttl}; the key would expire "
                          "while held, and a retry would run the operation again")
@@ -408,10 +415,8 @@ def save_result(
     state = _check_status(status)
     _check_hash(body_hash, "body_hash")
     _check_hash(headers_hash, "headers_hash", allow_empty=True)
-    _check_period(lease, "lease")
-    if not isinstance(ttl_until, datetime) or ttl_until.utcoffset() is None:
-        raise ValueError(f"save_result(): ttl_until={ttl_until!r} must be a timezone-aware "
-                         "datetime, e.g. datetime.now(timezone.utc) + timedelta(hours=24)")
+    check_positive_timedelta(lease, "lease", where="save_result()")
+    check_aware_datetime(ttl_until, "ttl_until", where="save_result()")
     _check_response_status(response_status)
     body = _json_param(response_body)
     params = (org, user, key, state.value, body_hash, headers_hash, response_status, body,
@@ -589,7 +594,8 @@ def _check_owner(
     key: object, org_id: object, user_id: object, where: str
 ) -> tuple[uuid.UUID, uuid.UUID]:
     _check_key(key, where)
-    return require_org(org_id, where), _check_user(user_id, where)
+    return require_org(org_id, where), check_uuid(user_id, "user_id", where=where,
+                                                  hint="pass the user's id")
 
 
 def _check_key(key: object, where: str) -> None:
@@ -599,21 +605,8 @@ def _check_key(key: object, where: str) -> None:
                          f"{KEY_MAX_LENGTH} printable ASCII characters")
 
 
-def _check_user(user_id: object, where: str) -> uuid.UUID:
-    user = parse_uuid(user_id)
-    if user is not None:
-        return user
-    raise ValueError(f"{where}: user_id={user_id!r} is not a UUID; pass the user's id")
-
-
 def _check_hash(value: object, name: str, *, allow_empty: bool = False) -> None:
-    if not isinstance(value, str) or not (value or allow_empty):
-        raise ValueError(f"{name}={value!r} must be a non-empty string: use fingerprint()")
-
-
-def _check_period(value: object, name: str) -> None:
-    if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise ValueError(f"{name}={value!r} must be a positive timedelta")
+    check_text(value, name, allow_empty=allow_empty, hint="use fingerprint()")
 
 
 def _check_status(status: object) -> IdempotencyStatus:
@@ -627,8 +620,7 @@ def _check_status(status: object) -> IdempotencyStatus:
 def _check_response_status(code: object) -> None:
     if code is None:
         return
-    if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
-        raise ValueError(f"response_status={code!r} must be an HTTP status code (100-599)")
+    check_int(code, "response_status", minimum=100, maximum=599, hint="an HTTP status code")
 
 
 def _json_param(value: Any) -> Json | None:

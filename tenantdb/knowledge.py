@@ -48,22 +48,21 @@ explicit predicate. The figures behind the constants are in README "Knowledge se
 
 from __future__ import annotations
 
-import array
 import contextlib
 import math
-import numbers
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .context import OrgLike, parse_uuid, require_org
+from .context import OrgLike, require_org
 from .db import database
 from .embedder import Embedder, default_embedder, get_embedder, register_embedder
 from .models import EMBEDDING_DIMENSIONS, Embedding, KnowledgeItem
-from .tenancy import execute_scoped
+from .scoping import execute_scoped
+from .validation import check_int, check_optional_uuid, check_vector
 
 __all__ = [
     "EXACT_SCAN_FRACTION",
@@ -118,11 +117,6 @@ ITERATIVE_FETCH = 10
 ITERATIVE_MAX_SCAN_TUPLES = 40_000
 #: How long an org's counted size chooses its plan without being counted again.
 SIZE_CACHE_SECONDS = 30.0
-# float32 is what pgvector stores and computes in: a larger finite double would become
-# infinite there, and a vector whose largest square is below the smallest normal float32
-# loses its norm (pgvector divides by a norm computed in float32: 0 gives NaN distances).
-_FLOAT32_MAX = 3.4028234663852886e38
-_FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 _MAX_VERSIONS_CACHED = 64
 _MAX_SIZES_CACHED = 10_000
 
@@ -625,73 +619,20 @@ def _stored(model: type[Any], names: Sequence[str], values: Sequence[Any]) -> An
 
 
 def _vector_literal(values: object, name: str) -> str:
-    """``values`` in pgvector's text form, checked by :func:`_check_vector`."""
+    """``values`` in pgvector's text form, checked by :func:`~tenantdb.validation.check_vector`."""
     # 9 significant digits give back every float32 exactly; one %-format runs in C.
-    return _LITERAL_TEMPLATE % tuple(_check_vector(values, name))
+    return _LITERAL_TEMPLATE % tuple(check_vector(values, name, dimensions=EMBEDDING_DIMENSIONS))
 
 
 _LITERAL_TEMPLATE = "[" + ",".join(["%.9g"] * EMBEDDING_DIMENSIONS) + "]"
 
 
-def _check_vector(values: object, name: str) -> array.array[float]:
-    """``values`` as the float32 values pgvector will hold, or ValueError naming what is
-    wrong.
-
-    Every check runs in C over the whole vector (array, max, hypot): validating 1,536
-    values one by one in Python cost more than the exact scan of a small org.
-    """
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a sequence of {EMBEDDING_DIMENSIONS} floats, "
-                         f"got {type(values).__name__}")
-    tolist = getattr(values, "tolist", None)  # numpy arrays: Python floats in one C call
-    items = tolist() if callable(tolist) else values
-    try:
-        doubles = array.array("d", items if isinstance(items, Iterable) else values)
-    except TypeError:
-        culprit = next((v for v in values if not isinstance(v, numbers.Real)), None)
-        raise ValueError(f"{name} holds a {type(culprit).__name__}: only numbers") from None
-    if len(doubles) != EMBEDDING_DIMENSIONS:
-        raise ValueError(f"{name} has {len(doubles)} dimensions; embedding.vector has "
-                         f"{EMBEDDING_DIMENSIONS}: embed with a {EMBEDDING_DIMENSIONS}-dim model")
-    stored = array.array("f", doubles)  # what pgvector will hold: beyond float32 is inf
-    norm = math.hypot(*stored)  # NaN or inf if any value is
-    if not math.isfinite(norm):
-        raise ValueError(f"{name} holds NaN or infinite values (or beyond float32)")
-    _check_norm(doubles, stored, norm, name)
-    return stored
-
-
-def _check_norm(doubles: array.array[float], stored: array.array[float], norm: float,
-                name: str) -> None:
-    """Refuse a vector whose norm pgvector cannot compute in float32.
-
-    pgvector stores float32 and sums squares in float32: a component below ~1.4e-45 becomes
-    0, squares below ~1.2e-38 lose their precision and then vanish, and a sum of squares
-    beyond ~3.4e38 is infinite. Either way the cosine distance is NaN (or the stored
-    vector zero), so the largest square must be a normal float32 and the sum finite.
-    """
-    largest = max(map(abs, stored))
-    if largest == 0.0 and not any(doubles):
-        raise ValueError(f"{name} is all zeros: cosine distance to it is undefined")
-    if largest * largest < _FLOAT32_MIN_NORMAL:
-        raise ValueError(f"{name} is too small (largest |value| {largest:.3g}): its norm "
-                         "underflows in float32 and cosine distances to it would be NaN; "
-                         "normalise it to length 1")
-    if norm * norm > _FLOAT32_MAX:
-        raise ValueError(f"{name} is too large (norm {norm:.3g}): its squared norm "
-                         "overflows float32; normalise it to length 1")
-
-
 def _check_k(k: object) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an int from 1 to {MAX_K}, got {k!r}")
+    check_int(k, "k", minimum=1, maximum=MAX_K)
 
 
 def _optional_uuid(value: object, name: str) -> uuid.UUID | None:
-    parsed = parse_uuid(value)
-    if value is None or parsed is not None:
-        return parsed
-    raise ValueError(f"{name} must be a UUID or None, got {value!r}")
+    return check_optional_uuid(value, name)
 
 
 def _check_texts(title: object, content: object, chunks: Sequence[object]) -> list[str]:
@@ -712,5 +653,6 @@ def _embed(embedder: Embedder, texts: list[str]) -> list[list[float]]:
     if len(vectors) != len(texts):
         raise ValueError(f"embedder {embedder.name!r} returned {len(vectors)} vectors for "
                          f"{len(texts)} chunks")
-    return [_check_vector(vector, f"chunk {index}'s vector").tolist()
+    return [check_vector(vector, f"chunk {index}'s vector",
+                         dimensions=EMBEDDING_DIMENSIONS).tolist()
             for index, vector in enumerate(vectors)]

@@ -24,6 +24,7 @@ from .check import TENANT_TABLE_NAMES_SQL
 from .context import OrgLike, cross_org, require_org
 from .db import database
 from .models import Org
+from .validation import check_int, check_text
 from .verifier import ORG_COLUMN, ROOT_TABLE
 
 __all__ = ["DEFAULT_BATCH_SIZE", "create_org", "delete_org"]
@@ -66,8 +67,8 @@ def create_org(name: str, slug: str, *, org_id: OrgLike | None = None) -> Org:
     :raises ValueError: an empty ``name`` or ``slug`` (before any SQL).
     :raises MissingOrgError: ``org_id`` given but not a UUID.
     """
-    _check_text(name, "name")
-    _check_text(slug, "slug")
+    check_text(name, "name", where="create_org()")
+    check_text(slug, "slug", where="create_org()")
     values: dict[str, Any] = {"name": name, "slug": slug}
     if org_id is not None:
         values["id"] = require_org(org_id, "create_org()")
@@ -92,10 +93,8 @@ def delete_org(org_id: OrgLike, *, reason: str,
     :raises graphlib.CycleError: the schema's foreign keys form a cycle between tables.
     """
     org = require_org(org_id, "delete_org()")
-    _check_text(reason, "reason")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"delete_org(): batch_size must be an integer of at least 1, got "
-                         f"{batch_size!r}")
+    check_text(reason, "reason", where="delete_org()", hint="say why, for the log")
+    check_int(batch_size, "batch_size", minimum=1, where="delete_org()")
     counts: dict[str, int] = {}
     with cross_org(reason=f"delete_org {org}: {reason}"):
         log.warning("delete_org %s started: %s", org, reason)
@@ -135,7 +134,3 @@ def _delete_rows(table: str, org: uuid.UUID, batch_size: int) -> int:
         log.info("delete_org %s: %d row(s) of %s", org, total, table)
     return total
 
-
-def _check_text(value: object, name: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")

@@ -25,8 +25,9 @@ from typing import Any, Generic, TypeVar
 
 from peewee import Tuple
 
-from .context import OrgLike, parse_uuid, require_org
+from .context import OrgLike, require_org
 from .tenancy import TenantModel
+from .validation import check_int, check_uuid, parse_aware_datetime
 
 __all__ = ["MAX_PAGE_SIZE", "Page", "decode_cursor", "encode_cursor", "newest_first"]
 
@@ -63,8 +64,7 @@ def newest_first(
     :raises ValueError: a bad limit, a malformed cursor, or a model without the columns.
     """
     org = require_org(org_id, f"newest_first({model.__name__})")
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValueError(f"limit must be an int from 1 to {MAX_PAGE_SIZE}, got {limit!r}")
+    limit = check_int(limit, "limit", minimum=1, maximum=MAX_PAGE_SIZE)
     fields = model._meta.fields
     if "created_at" not in fields or "id" not in fields:
         raise ValueError(f"{model.__name__} has no created_at and id columns to page by")
@@ -99,10 +99,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
             raise ValueError
         padded = cursor + "=" * (-len(cursor) % 4)
         stamp, ident = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        created = datetime.fromisoformat(stamp)
-        row_id = parse_uuid(ident)
-        if created.utcoffset() is None or row_id is None:
-            raise ValueError
+        created = parse_aware_datetime(stamp, "the cursor's time")
+        row_id = check_uuid(ident, "the cursor's id")
     except (ValueError, TypeError, binascii.Error, UnicodeError):
         raise ValueError(f"cursor {cursor!r} is not a page cursor: pass next_cursor from the "
                          "previous page unchanged") from None

@@ -59,7 +59,7 @@ from limits.util import WindowStats
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .context import OrgLike, parse_uuid, require_org
+from .context import OrgLike, require_org
 from .errors import ConfigurationError
 from .ratelimit_strategy import (
     TOKEN_BUCKET,
@@ -70,6 +70,7 @@ from .ratelimit_strategy import (
     script_args,
 )
 from .settings import Settings, get_settings
+from .validation import check_int, check_uuid
 
 __all__ = [
     "TOKEN_BUCKET",
@@ -195,11 +196,10 @@ class BucketSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _BUCKET_NAME.fullmatch(self.name):
             raise ValueError(f"bucket name {self.name!r}: use letters, digits, '_', '.', '-'")
-        if not (_positive_int(self.limit) and _positive_int(self.period_s)):
-            raise ValueError(
-                f"bucket {self.name!r}: limit ({self.limit!r}) and period_s "
-                f"({self.period_s!r}) must be positive integers"
-            )
+        where = f"bucket {self.name!r}"
+        object.__setattr__(self, "limit", check_int(self.limit, "limit", minimum=1, where=where))
+        object.__setattr__(self, "period_s",
+                           check_int(self.period_s, "period_s", minimum=1, where=where))
         if self.strategy != TOKEN_BUCKET and self.strategy not in STRATEGIES:
             known = ", ".join([TOKEN_BUCKET, *STRATEGIES])
             raise ValueError(
@@ -349,17 +349,8 @@ def _org_text(org_id: object, where: str) -> str:
 def _user_text(user_id: object, where: str) -> str:
     if type(user_id) is str and _CANONICAL_UUID.fullmatch(user_id):
         return user_id
-    # Any spelling uuid.UUID accepts (upper case, braces, no dashes) keys one bucket.
-    user = parse_uuid(user_id)
-    if user is None:
-        raise ValueError(
-            f"{where}: user_id must be a UUID (uuid.UUID or its text), not {user_id!r}"
-        )
-    return str(user)
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    # Every accepted spelling (upper case, braces, no dashes) keys one bucket.
+    return str(check_uuid(user_id, "user_id", where=where))
 
 
 # Specs are immutable and checked on creation: build each once per limit.
@@ -377,12 +368,9 @@ def _resolve(bucket: str | BucketSpec, limit_per_minute: int | None) -> BucketSp
     spec = bucket if isinstance(bucket, BucketSpec) else bucket_spec(bucket)
     if limit_per_minute is None:
         return spec
-    if not _positive_int(limit_per_minute):
-        raise ValueError(
-            f"bucket {spec.name!r}: limit_per_minute must be a positive integer, "
-            f"not {limit_per_minute!r}"
-        )
-    return _with_limit(spec, limit_per_minute)
+    limit = check_int(limit_per_minute, "limit_per_minute", minimum=1,
+                      where=f"bucket {spec.name!r}")
+    return _with_limit(spec, limit)
 
 
 def _limit_item(spec: BucketSpec) -> RateLimitItem:

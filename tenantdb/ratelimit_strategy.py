@@ -32,6 +32,7 @@ from limits.util import WindowStats
 from redis.exceptions import NoScriptError
 
 from .errors import ConfigurationError
+from .validation import check_int
 
 __all__ = [
     "TOKEN_BUCKET",
@@ -82,8 +83,7 @@ def script_args(amount: int, period_s: int, cost: int, consume: bool) -> tuple[b
 
     :raises ValueError: a negative cost, or a rate too fine to count exactly.
     """
-    if cost < 0:
-        raise ValueError(f"cost must be zero or more, not {cost}")
+    check_int(cost, "cost", minimum=0)
     period_us = period_s * _MICROSECONDS
     common = math.gcd(period_us, amount)
     per_us, per_token = amount // common, period_us // common

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from peewee import fn
 
+from .context import cross_org
 from .db import database
 from .models import Org
 from .seeds import seed_tables
-from .tenancy import TenantModel, cross_org
+from .tenancy import TenantModel
 
 __all__ = ["OrgSummary", "org_summary"]
 

@@ -13,7 +13,8 @@ from typing import Any, Generic, TypeVar
 
 from .context import OrgLike, require_org
 from .errors import CrossOrgError
-from .tenancy import TenantModel, TenantSelect, _pk_fields
+from .tenancy import TenantModel, TenantSelect
+from .validation import check_int
 
 __all__ = [
     "MAX_LIMIT",
@@ -53,9 +54,11 @@ def scoped_list(model: type[_M], org_id: OrgLike, /, limit: int = 50, offset: in
 
     :raises ValueError: ``limit`` outside 1..1000 or a negative ``offset``.
     """
-    _check_page(limit, offset)
+    limit = check_int(limit, "limit", minimum=1, maximum=MAX_LIMIT)
+    offset = check_int(offset, "offset", minimum=0)
     query = scoped_query(model, org_id, **filters)
-    return list(query.order_by(*_pk_fields(model)).limit(limit).offset(offset))
+    keys = model._meta.get_primary_keys()  # type: ignore[no-untyped-call]
+    return list(query.order_by(*keys).limit(limit).offset(offset))
 
 
 def scoped_count(model: type[_M], org_id: OrgLike, /, **filters: Any) -> int:
@@ -129,9 +132,3 @@ def _field(model: type[TenantModel], name: str) -> Any:
         raise ValueError(f"{model.__name__} has no field {name!r}")
     return field
 
-
-def _check_page(limit: int, offset: int) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise ValueError(f"limit must be an integer in 1..{MAX_LIMIT}, got {limit!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative integer, got {offset!r}")

@@ -24,7 +24,6 @@ import contextlib
 import enum
 import functools
 import logging
-import math
 import operator
 import uuid
 from collections.abc import Callable, Mapping
@@ -36,12 +35,14 @@ from typing import Any
 from peewee import SQL, fn
 from psycopg2 import sql
 
-from .context import cross_org, cross_org_reason, require_org
+from .context import OrgLike, cross_org, cross_org_reason, require_org
 from .db import database
 from .errors import PurgeInTransactionError
 from .models import AgentRun, IdempotencyKey, Itinerary
+from .scoping import execute_scoped
 from .settings import get_settings
-from .tenancy import OrgLike, TenantModel, TenantSelect, execute_scoped
+from .tenancy import TenantModel, TenantSelect
+from .validation import check_aware_datetime, check_int, check_positive_number
 
 __all__ = [
     "PURGE_ORDER",
@@ -515,26 +516,19 @@ def _unknown_policy(value: object) -> ValueError:
 
 
 def _window(value: float | None, default: int, name: str, unit: str) -> timedelta:
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+    number = check_positive_number(default if value is None else value, name, unit=unit)
     try:
-        return timedelta(**{unit: value})
+        return timedelta(**{unit: number})
     except OverflowError:
         raise ValueError(f"{name}={value!r} is too long a window") from None
 
 
 def _check_count(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"purge(): {name} must be an integer of at least 1, got {value!r}")
+    check_int(value, name, minimum=1, where="purge()")
 
 
 def _check_aware(now: datetime) -> None:
-    if not isinstance(now, datetime) or now.utcoffset() is None:
-        raise ValueError(f"now must be a timezone-aware datetime (e.g. datetime.now(UTC)), "
-                         f"got {now!r}: a naive time would be read in the server's zone")
+    check_aware_datetime(now, "now")
 
 
 def _purge_arguments(batch_size: int, max_batches: int | None, org_id: OrgLike | None,

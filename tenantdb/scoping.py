@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-__all__ = ["ORG_SETTING", "ScopePlan", "run_scoped", "scope_statements"]
+from .context import OrgLike, require_org
+
+__all__ = ["ORG_SETTING", "ScopePlan", "execute_scoped", "run_scoped", "scope_statements"]
 
 ORG_SETTING = "tenantdb.org_id"
 # Plain PostgreSQL: one set_config per setting, prepended to the statement.
@@ -94,6 +96,23 @@ def scope_statements(org: uuid.UUID, settings: Mapping[str, str] | None = None, 
     prefix, prefix_params = _set_config_prefix(role_values)
     return ScopePlan(prefix, prefix_params, "; ".join(statements), tuple(values.values()),
                      commit=not in_transaction)
+
+
+def execute_scoped(org_id: OrgLike, sql: str, params: Sequence[Any] = (), /) -> Any:
+    """Run raw ``sql`` (``%s`` placeholders, ``%%`` for a literal ``%``) for one org; returns
+    the DB-API cursor.
+
+    The org is set for the statement's transaction in the same round trip, which is what
+    row-level security checks: rows of other orgs stay invisible even if ``sql`` forgets
+    its ``org_id`` predicate (write it anyway: it lets indexes work).
+
+    :raises MissingOrgError: no org, or not a UUID.
+    """
+    # Imported here: tenantdb.db imports this module for run_scoped.
+    from .db import database
+
+    org = require_org(org_id, "execute_scoped()")
+    return database.execute_scoped_sql(org, sql, tuple(params))
 
 
 def run_scoped(database: Any, send: Send, sql: str, params: Any, org: uuid.UUID, *,

@@ -19,18 +19,17 @@ names once their module is imported, after the package's tables and parents firs
 from __future__ import annotations
 
 import json
-import math
 import re
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import peewee
 from pgvector.peewee import VectorField
 
+from .context import cross_org
 from .db import database
 from .embedder import Embedder, default_embedder
 from .errors import SeedError
@@ -46,7 +45,15 @@ from .models import (
     RefreshToken,
     User,
 )
-from .tenancy import BaseModel, TenantForeignKey, TenantModel, cross_org
+from .tenancy import BaseModel, TenantForeignKey, TenantModel
+from .validation import (
+    check_int,
+    check_text,
+    check_uuid,
+    check_vector,
+    parse_aware_datetime,
+    parse_date,
+)
 
 __all__ = [
     "DEMO_SEEDS",
@@ -180,7 +187,7 @@ def _parents(model: type[BaseModel]) -> list[str]:
 
 
 def _insert(file: Path, model: type[BaseModel], index: int, row: dict[str, Any]) -> bool:
-    pk = [model._meta.fields[name] for name in _pk_names(model)]
+    pk = _pk_fields(model)
     query = model.insert(**row).on_conflict(action="IGNORE", conflict_target=pk)
     try:
         with database.atomic():  # a savepoint, so the error names this record only
@@ -296,87 +303,77 @@ def _coerce(where: str, fld: peewee.Field, value: Any) -> Any:
             raise SeedError(f"{where}: {fld.name} may not be null")
         return None
     try:
-        return _coercer(fld)(value)
-    except (TypeError, ValueError) as exc:
-        raise SeedError(f"{where}: {fld.name}={_short(value)}: {exc}") from None
+        return _coercer(fld)(value, fld.name)
+    except ValueError as exc:  # the message names the field, the rule and the value
+        raise SeedError(f"{where}: {exc}") from None
 
 
-def _as_is(value: Any) -> Any:
+def _as_is(value: Any, name: str) -> Any:
     return value
 
 
-def _as_text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("expected a string")
-    return value
+def _as_text(value: Any, name: str) -> str:
+    return check_text(value, name, allow_empty=True)
 
 
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError("expected an integer")
-    return value
+def _int_within(bits: int) -> Callable[[Any, str], int]:
+    """A coercer to the signed integers of a ``bits``-bit column: larger values are refused
+    here, with the record named, instead of by the server."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return lambda value, name: check_int(value, name, minimum=low, maximum=high)
 
 
-def _as_bool(value: Any) -> bool:
+def _as_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError("expected true or false")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
 
 
-def _as_vector(value: Any) -> list[float]:
-    if not isinstance(value, list) or len(value) != EMBEDDING_DIMENSIONS:
-        size = len(value) if isinstance(value, list) else type(value).__name__
-        raise ValueError(f"expected a list of {EMBEDDING_DIMENSIONS} numbers, got {size}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               for v in value):
-        raise ValueError("every element must be a finite number")
-    return [float(v) for v in value]
+def _as_vector(value: Any, name: str) -> list[float]:
+    # The rule search_knowledge applies: a zero or float32-overflowing vector would give
+    # NaN distances once stored.
+    return check_vector(value, name, dimensions=EMBEDDING_DIMENSIONS).tolist()
 
 
-def _as_uuid(value: Any) -> uuid.UUID:
-    return uuid.UUID(_as_text(value))
+def _as_datetime(value: Any, name: str) -> datetime:
+    # timestamptz: a naive time would be read in the server's zone, so the offset is required.
+    return parse_aware_datetime(value, name)
 
 
-def _as_datetime(value: Any) -> datetime:
-    parsed = datetime.fromisoformat(_as_text(value))
-    if parsed.tzinfo is None:  # timestamptz: a naive time would be read in the server's zone
-        raise ValueError("expected a time with its offset, e.g. 2026-05-01T09:00:00+00:00")
-    return parsed
-
-
-def _as_date(value: Any) -> date:
-    return date.fromisoformat(_as_text(value))
-
-
-# JSON fields take any JSON value as it is.
-_COERCE: dict[type[peewee.Field], Callable[[Any], Any]] = {
-    peewee.UUIDField: _as_uuid,
+# JSON fields take any JSON value as it is. Looked up along each field class's MRO, so the
+# most specific entry wins (BigIntegerField before IntegerField).
+_COERCE: dict[type[peewee.Field], Callable[[Any, str], Any]] = {
+    peewee.UUIDField: check_uuid,
     peewee.TextField: _as_text,
-    peewee.IntegerField: _as_int,
+    peewee.CharField: _as_text,
+    peewee.SmallIntegerField: _int_within(16),
+    peewee.IntegerField: _int_within(32),
+    peewee.BigIntegerField: _int_within(64),
+    peewee.BigAutoField: _int_within(64),
     peewee.BooleanField: _as_bool,
     peewee.DateTimeField: _as_datetime,
-    peewee.DateField: _as_date,
+    peewee.DateField: parse_date,
     VectorField: _as_vector,
 }
 
 
-def _coercer(fld: peewee.Field) -> Callable[[Any], Any]:
+def _coercer(fld: peewee.Field) -> Callable[[Any, str], Any]:
     for cls in type(fld).__mro__:
         if cls in _COERCE:
             return _COERCE[cls]
     return _as_is
 
 
-def _pk_names(model: type[BaseModel]) -> Iterable[str]:
-    pk: Any = model._meta.primary_key
-    return list(pk.field_names) if isinstance(pk, peewee.CompositeKey) else [pk.name]
+def _pk_fields(model: type[BaseModel]) -> list[peewee.Field]:
+    # Peewee's key fields, in the CompositeKey's order (the table's PRIMARY KEY order).
+    return list(model._meta.get_primary_keys())  # type: ignore[no-untyped-call]
+
+
+def _pk_names(model: type[BaseModel]) -> list[str]:
+    return [field.name for field in _pk_fields(model)]
 
 
 def _where(model: type[BaseModel], index: int, row: dict[str, Any]) -> str:
     key = ", ".join(f"{name}={row.get(name)}" for name in _pk_names(model))
     return f"{model._meta.table_name}[{index}] ({key})"
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
+from .validation import check_int, check_positive_number
 
 __all__ = ["Settings", "get_settings", "override_settings", "reset_settings"]
 
@@ -112,9 +113,11 @@ def _positive(var: str, raw: str, kind: type[int] | type[float]) -> Any:
         value = kind(raw)
     except ValueError:
         raise ConfigurationError(f"{var}={raw!r} is not a {kind.__name__}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{var}={raw!r} must be positive")
-    return value
+    try:  # float("nan") and float("inf") parse, but no setting can be either
+        return check_int(value, var, minimum=1) if kind is int else check_positive_number(
+            value, var)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 _current: Settings | None = None

@@ -26,6 +26,7 @@ from typing import Any
 
 import peewee
 
+from .context import OrgLike
 from .retention import (
     RetentionPolicy,
     _cutoff,
@@ -36,7 +37,8 @@ from .retention import (
     _select_stale,
     _unknown_policy,
 )
-from .tenancy import OrgLike, TenantModel, TenantSelect
+from .tenancy import TenantModel, TenantSelect
+from .validation import check_positive_timedelta
 
 __all__ = [
     "TableRetentionPolicy",
@@ -87,9 +89,7 @@ def register_retention_policy(
     if not isinstance(model._meta.fields.get(time_column), peewee.DateTimeField):
         raise ValueError(f"retention policy {name!r}: {model.__name__}.{time_column} is not a "
                          "timestamp field")
-    if not isinstance(window, timedelta) or window <= timedelta(0):
-        raise ValueError(f"retention policy {name!r}: window must be a positive timedelta, "
-                         f"got {window!r}")
+    check_positive_timedelta(window, "window", where=f"retention policy {name!r}")
     if action not in _ACTIONS:
         raise ValueError(f"retention policy {name!r}: action must be 'delete' or 'scrub', "
                          f"got {action!r}")

@@ -35,6 +35,7 @@ from .context import (
 from .db import database
 from .errors import CrossOrgError, MissingOrgError
 from .planned import by_id_statement
+from .scoping import execute_scoped
 from .verifier import ORG_COLUMN, register_tenant_table, verify
 
 __all__ = [
@@ -57,20 +58,6 @@ if TYPE_CHECKING:  # generic in peewee's stubs only
     _ModelSelect = ModelSelect[Any]
 else:
     _ModelSelect = ModelSelect
-
-
-def execute_scoped(org_id: OrgLike, sql: str, params: Sequence[Any] = (), /) -> Any:
-    """Run raw ``sql`` (``%s`` placeholders, ``%%`` for a literal ``%``) for one org; returns
-    the DB-API cursor.
-
-    The org is set for the statement's transaction in the same round trip, which is what
-    row-level security checks: rows of other orgs stay invisible even if ``sql`` forgets
-    its ``org_id`` predicate (write it anyway: it lets indexes work).
-
-    :raises MissingOrgError: no org, or not a UUID.
-    """
-    org = require_org(org_id, "execute_scoped()")
-    return database.execute_scoped_sql(org, sql, tuple(params))
 
 
 class BaseModel(peewee.Model):

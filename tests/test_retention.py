@@ -646,7 +646,7 @@ def test_cli_purge_for_one_org(tenantdb_database: TestDatabase,
 
 @pytest.mark.parametrize("args, message", [
     (["--org", "nope"], "not a UUID"),
-    (["--purge", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--purge", "--batch-size", "0"], "--batch-size must be an integer of at least 1"),
 ])
 def test_cli_bad_input_is_one_line_on_stderr(tenantdb_database: TestDatabase,
                                              cli_rows: dict[str, Any], args: list[str],

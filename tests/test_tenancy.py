@@ -610,7 +610,7 @@ def test_org_entry_point_is_scoped_by_the_org_id(twins: TwoOrgs, name: str) -> N
 OWN_ENTRY_POINTS = {
     "tenantdb.orgs.create_org": "test_create_org_validates_before_sql",
     "tenantdb.orgs.delete_org": "test_delete_org_purges_children_first_and_counts",
-    "tenantdb.tenancy.execute_scoped": "test_execute_scoped_refuses_setting_changes",
+    "tenantdb.scoping.execute_scoped": "test_execute_scoped_refuses_setting_changes",
     "tenantdb.tenancy.prefetch": "test_prefetch_loads_children_and_parents_of_own_org",
     "tenantdb.context.cross_org": "test_generator_suspended_inside_cross_org_grants_nothing_"
                                   "to_its_consumer",
