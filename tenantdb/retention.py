@@ -150,8 +150,11 @@ class RetentionSummary:
         return sum(self.counts.values())
 
 
+# Rule, select_stale, purge_rule, org_scope, resolve_now, cutoff_of and
+# unknown_policy_error are shared with tenantdb.table_retention (the application tables'
+# policies run the same code); they are not in __all__, not the public API.
 @dataclass(frozen=True, eq=False)  # eq=False: peewee fields compare into expressions
-class _Rule:
+class Rule:
     """One retention policy, the single source of its selector, counts and purge batches.
 
     A row of ``model`` is stale once its ``age_column`` is older than the window (at or
@@ -204,16 +207,16 @@ def _live_lease(now: datetime) -> Any:
 #: The package's policies. FOR UPDATE re-checks an idempotency entry's predicate on a row a
 #: concurrent begin() took over after the statement's snapshot (new ttl, new lease), so a
 #: freshly claimed key is never deleted.
-_RULES: Mapping[RetentionPolicy, _Rule] = MappingProxyType({
-    RetentionPolicy.AGENT_RUNS: _Rule(
+_RULES: Mapping[RetentionPolicy, Rule] = MappingProxyType({
+    RetentionPolicy.AGENT_RUNS: Rule(
         "agent_runs", AgentRun, "created_at", setting="retention_agent_run_days",
         unlink=(Itinerary.agent_run_id,)),
-    RetentionPolicy.AGENT_RUN_TOOL_LOGS: _Rule(
+    RetentionPolicy.AGENT_RUN_TOOL_LOGS: Rule(
         "agent_run_tool_logs", AgentRun, "created_at", action="scrub",
         scrub_columns=("tool_log",), setting="retention_tool_log_hours", unit="hours"),
-    RetentionPolicy.ITINERARIES: _Rule(
+    RetentionPolicy.ITINERARIES: Rule(
         "itineraries", Itinerary, "created_at", setting="retention_itinerary_days"),
-    RetentionPolicy.IDEMPOTENCY_ENTRIES: _Rule(
+    RetentionPolicy.IDEMPOTENCY_ENTRIES: Rule(
         "idempotency_entries", IdempotencyKey, "ttl_until", at_cutoff=True, keep=_live_lease),
 })
 
@@ -280,14 +283,14 @@ def get_retention_summary(
     :raises MissingOrgError: no org and no ``all_orgs=True`` outside ``cross_org``, or an
         ``org_id`` that is not a UUID (before any SQL).
     """
-    org = _org(org_id, all_orgs, "get_retention_summary()")
+    org = org_scope(org_id, all_orgs, "get_retention_summary()")
     if org is None and cross_org_reason() is None:
         with cross_org(reason=SUMMARY_REASON):
             return get_retention_summary(now=now, per_org=per_org)
-    when = _resolve_now(now)
-    cutoffs = {policy: _cutoff(when, _RULES[policy].default_window())
+    when = resolve_now(now)
+    cutoffs = {policy: cutoff_of(when, _RULES[policy].default_window())
                for policy in RetentionPolicy}
-    queries = {policy: _select_stale(_RULES[policy], cutoffs[policy], when, org)
+    queries = {policy: select_stale(_RULES[policy], cutoffs[policy], when, org)
                for policy in RetentionPolicy}
     if not per_org:
         with _across(org):
@@ -343,7 +346,7 @@ def purge(
         rule = table_rule(policy)  # an application table's policy, same rules
     else:
         rule = _RULES[_policy(policy)]
-    return _purge_rule(rule, batch_size, dry_run, org_id=org_id, now=now,
+    return purge_rule(rule, batch_size, dry_run, org_id=org_id, now=now,
                        max_batches=max_batches, on_batch=on_batch, all_orgs=all_orgs)
 
 
@@ -356,12 +359,12 @@ def _selector(policy: RetentionPolicy, window: float | None, org_id: OrgLike | N
     rule = _RULES[policy]
     chosen = rule.default_window() if rule.setting is None else _window(
         window, getattr(get_settings(), rule.setting), f"retention_{rule.unit}", rule.unit)
-    org = _org(org_id, all_orgs, f"get_stale_{policy.value}()")
-    when = _resolve_now(now)
-    return _select_stale(rule, _cutoff(when, chosen), when, org)
+    org = org_scope(org_id, all_orgs, f"get_stale_{policy.value}()")
+    when = resolve_now(now)
+    return select_stale(rule, cutoff_of(when, chosen), when, org)
 
 
-def _select_stale(rule: _Rule, cutoff: datetime, now: datetime, org: uuid.UUID | None,
+def select_stale(rule: Rule, cutoff: datetime, now: datetime, org: uuid.UUID | None,
                   *fields: Any) -> TenantSelect:
     """The stale rows of ``rule`` (``org`` None: every org's; validated by the caller)."""
     return _scoped_select(rule.model, org, *fields).where(rule.predicate(cutoff, now))
@@ -386,7 +389,7 @@ def _counts_per_org(queries: Mapping[RetentionPolicy, TenantSelect]
     return {org: MappingProxyType(counts) for org, counts in found.items()}
 
 
-def _purge_rule(rule: _Rule, batch_size: int, dry_run: bool, *, org_id: OrgLike | None,
+def purge_rule(rule: Rule, batch_size: int, dry_run: bool, *, org_id: OrgLike | None,
                 now: datetime | None, max_batches: int | None,
                 on_batch: Callable[[int], None] | None, all_orgs: bool) -> int:
     """:func:`purge` of one rule, the package's or an application's."""
@@ -394,8 +397,8 @@ def _purge_rule(rule: _Rule, batch_size: int, dry_run: bool, *, org_id: OrgLike 
     window = rule.default_window()
     if dry_run:
         with _across(org):
-            when = _resolve_now(now)
-            would = int(_select_stale(rule, _cutoff(when, window), when, org).count())
+            when = resolve_now(now)
+            would = int(select_stale(rule, cutoff_of(when, window), when, org).count())
         return would if max_batches is None else min(would, max_batches * batch_size)
     if database.in_transaction():
         raise PurgeInTransactionError(
@@ -403,8 +406,8 @@ def _purge_rule(rule: _Rule, batch_size: int, dry_run: bool, *, org_id: OrgLike 
             "on their own and every locked row would stay locked until the caller ends it; "
             "call purge() outside database.atomic() (or pass dry_run=True to only count)"
         )
-    when = _resolve_now(now)
-    run = _Run(rule, _cutoff(when, window), when, batch_size, on_batch)
+    when = resolve_now(now)
+    run = _Run(rule, cutoff_of(when, window), when, batch_size, on_batch)
     if org is not None:
         return _org_batches(run, org, max_batches)[0]
     # Across orgs, org by org: a FOR UPDATE spanning shards is refused on Citus, and each
@@ -424,7 +427,7 @@ def _purge_rule(rule: _Rule, batch_size: int, dry_run: bool, *, org_id: OrgLike 
 class _Run:
     """One purge run: a rule, its cutoff and ``now`` (fixed once), and its batch size."""
 
-    rule: _Rule
+    rule: Rule
     cutoff: datetime
     now: datetime
     batch_size: int
@@ -435,7 +438,7 @@ def _orgs_with_stale_rows(run: _Run) -> list[uuid.UUID]:
     """The orgs holding stale rows of the run's policy (no lock: the batches lock)."""
     model = run.rule.model
     with cross_org(reason=PURGE_REASON):
-        query = _select_stale(run.rule, run.cutoff, run.now, None, model.org_id)
+        query = select_stale(run.rule, run.cutoff, run.now, None, model.org_id)
         return [row[0] for row in query.distinct().order_by(model.org_id).tuples()]
 
 
@@ -456,7 +459,7 @@ def _org_batches(run: _Run, org: uuid.UUID, max_batches: int | None) -> tuple[in
     return total, batches
 
 
-def _batch_statement(rule: _Rule, cutoff: datetime, now: datetime, org: uuid.UUID | None,
+def _batch_statement(rule: Rule, cutoff: datetime, now: datetime, org: uuid.UUID | None,
                      batch_size: int) -> tuple[str, tuple[Any, ...]]:
     """One batch of ``rule`` as SQL and parameters: the selectors' query, locked and
     limited, with the rule's action around it (rendered on the current connection, which
@@ -464,7 +467,7 @@ def _batch_statement(rule: _Rule, cutoff: datetime, now: datetime, org: uuid.UUI
     model = rule.model
     meta: Any = model._meta  # peewee's stubs leave get_primary_keys untyped
     keys: tuple[Any, ...] = meta.get_primary_keys()
-    batch = (_select_stale(rule, cutoff, now, org, *keys)
+    batch = (select_stale(rule, cutoff, now, org, *keys)
              .order_by(getattr(model, rule.age_column)).limit(batch_size)
              .for_update(skip_locked=True))
     batch_sql, params = batch.sql()
@@ -482,7 +485,7 @@ def _unlink_step(index: int, foreign_key: Any) -> sql.Composable:
         target=sql.Identifier(foreign_key.rel_model.id.column_name))  # a TenantForeignKey
 
 
-def _action_step(rule: _Rule, keys: list[str]) -> sql.Composable:
+def _action_step(rule: Rule, keys: list[str]) -> sql.Composable:
     table = sql.Identifier(rule.model._meta.table_name)
     match = sql.SQL(" AND ").join(
         sql.SQL("t.{key} = batch.{key}").format(key=sql.Identifier(key)) for key in keys)
@@ -504,10 +507,10 @@ def _policy(value: RetentionPolicy | str) -> RetentionPolicy:
     try:
         return RetentionPolicy(value)
     except ValueError:
-        raise _unknown_policy(value) from None
+        raise unknown_policy_error(value) from None
 
 
-def _unknown_policy(value: object) -> ValueError:
+def unknown_policy_error(value: object) -> ValueError:
     """The error for a policy name that is not known, naming every known one."""
     from .table_retention import registered_retention_policies
 
@@ -537,13 +540,13 @@ def _purge_arguments(batch_size: int, max_batches: int | None, org_id: OrgLike |
     _check_count(batch_size, "batch_size")
     if max_batches is not None:
         _check_count(max_batches, "max_batches")
-    org = _org(org_id, all_orgs, "purge()")
+    org = org_scope(org_id, all_orgs, "purge()")
     if now is not None:
         _check_aware(now)  # before the dry run's or the batches' first statement
     return org
 
 
-def _org(org_id: OrgLike | None, all_orgs: bool, where: str) -> uuid.UUID | None:
+def org_scope(org_id: OrgLike | None, all_orgs: bool, where: str) -> uuid.UUID | None:
     """The org of a call, or ``None`` for every org, which a call must say explicitly."""
     if all_orgs:
         if org_id is not None:
@@ -554,7 +557,7 @@ def _org(org_id: OrgLike | None, all_orgs: bool, where: str) -> uuid.UUID | None
     return require_org(org_id, where)
 
 
-def _resolve_now(now: datetime | None) -> datetime:
+def resolve_now(now: datetime | None) -> datetime:
     """``now`` once checked, else the database's clock (the one SQL this may run)."""
     if now is not None:
         _check_aware(now)
@@ -563,7 +566,7 @@ def _resolve_now(now: datetime | None) -> datetime:
     return value
 
 
-def _cutoff(now: datetime, window: timedelta) -> datetime:
+def cutoff_of(now: datetime, window: timedelta) -> datetime:
     try:
         return now - window
     except OverflowError:

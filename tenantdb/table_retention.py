@@ -29,13 +29,13 @@ import peewee
 from .context import OrgLike
 from .retention import (
     RetentionPolicy,
-    _cutoff,
-    _org,
-    _purge_rule,
-    _resolve_now,
-    _Rule,
-    _select_stale,
-    _unknown_policy,
+    Rule,
+    cutoff_of,
+    org_scope,
+    purge_rule,
+    resolve_now,
+    select_stale,
+    unknown_policy_error,
 )
 from .tenancy import TenantModel, TenantSelect
 from .validation import check_positive_timedelta
@@ -116,9 +116,9 @@ def get_stale_rows(name: str, *, org_id: OrgLike | None = None,
         ``org_id`` that is not a UUID (before any SQL).
     """
     rule = table_rule(name)
-    org = _org(org_id, all_orgs, f"get_stale_rows({name!r})")
-    when = _resolve_now(now)
-    return _select_stale(rule, _cutoff(when, rule.window), when, org)
+    org = org_scope(org_id, all_orgs, f"get_stale_rows({name!r})")
+    when = resolve_now(now)
+    return select_stale(rule, cutoff_of(when, rule.window), when, org)
 
 
 def purge_table_policy(
@@ -128,11 +128,11 @@ def purge_table_policy(
     all_orgs: bool = False,
 ) -> int:
     """:func:`tenantdb.retention.purge` for a registered policy, by the same rules."""
-    return _purge_rule(table_rule(name), batch_size, dry_run, org_id=org_id, now=now,
+    return purge_rule(table_rule(name), batch_size, dry_run, org_id=org_id, now=now,
                        max_batches=max_batches, on_batch=on_batch, all_orgs=all_orgs)
 
 
-def table_rule(name: str) -> _Rule:
+def table_rule(name: str) -> Rule:
     """The retention rule of the registered policy ``name`` (what selects and purges it).
 
     :raises ValueError: no policy of that name is registered (a package policy's name
@@ -143,8 +143,8 @@ def table_rule(name: str) -> _Rule:
         raise ValueError(f"retention policy {name!r} is one of tenantdb's own: use its "
                          f"selector, tenantdb.retention.get_stale_{name}()")
     if policy is None:
-        raise _unknown_policy(name)
-    return _Rule(policy.name, policy.model, policy.time_column, action=policy.action,
+        raise unknown_policy_error(name)
+    return Rule(policy.name, policy.model, policy.time_column, action=policy.action,
                  scrub_columns=policy.scrub_columns, window=policy.window)
 
 

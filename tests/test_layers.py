@@ -52,15 +52,7 @@ def test_names_are_imported_from_the_module_that_defines_them(module: str) -> No
             f"tenantdb/{module}.py imports {name} from .{source}, which only re-exports it")
 
 
-# table_retention runs its batches through retention's private helpers until one policy
-# table drives both (issue 15 item 3); strict, so the marker goes when that lands.
-_SHARES_PRIVATE_HELPERS = pytest.mark.xfail(
-    strict=True, reason="table_retention uses retention's private batch helpers")
-
-
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=_SHARES_PRIVATE_HELPERS) if m == "table_retention" else m
-    for m in MODULES])
+@pytest.mark.parametrize("module", MODULES)
 def test_private_names_are_not_imported_across_modules(module: str) -> None:
     private = [f"{source}.{name}" for source, name in _package_imports(module)
                if name.startswith("_") and not name.startswith("__")]
