@@ -489,6 +489,22 @@ class LoginPool(PooledPostgresqlExtDatabase):  # type: ignore[misc]
                 "TENANTDB_POOL_TIMEOUT")
 
 
+def _routed(name: str) -> Any:
+    """A ``TenantDatabase`` method that runs :class:`LoginPool`'s ``name`` on the pool of the
+    context, decided per call: this one, or :attr:`TenantDatabase.admin` inside
+    ``cross_org``."""
+    own = getattr(LoginPool, name)
+
+    def method(self: TenantDatabase, *args: Any, **kwargs: Any) -> Any:
+        side = self._side()
+        return own(self, *args, **kwargs) if side is self else getattr(side, name)(*args,
+                                                                                 **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = own.__doc__
+    return method
+
+
 class TenantDatabase(LoginPool):
     """The application login's pool, verifying every statement's org before it runs.
 
@@ -620,54 +636,18 @@ class TenantDatabase(LoginPool):
     # Peewee's atomic() asks these while entering and leaving its block, so a transaction
     # opened inside cross_org is an admin transaction, and one opened outside it is not.
 
-    def transaction(self, *args: Any, **kwargs: Any) -> Any:
-        side = self._side()
-        return super().transaction(*args, **kwargs) if side is self else \
-            side.transaction(*args, **kwargs)
-
-    def savepoint(self) -> Any:
-        side = self._side()
-        return super().savepoint() if side is self else side.savepoint()
-
-    def manual_commit(self) -> Any:
-        side = self._side()
-        return super().manual_commit() if side is self else side.manual_commit()
-
-    def in_transaction(self) -> bool:
-        side = self._side()
-        return bool(super().in_transaction() if side is self else side.in_transaction())
-
-    def transaction_depth(self) -> int:
-        side = self._side()
-        return int(super().transaction_depth() if side is self else side.transaction_depth())
-
-    def top_transaction(self) -> Any:
-        side = self._side()
-        return super().top_transaction() if side is self else side.top_transaction()
-
-    def begin(self) -> None:
-        side = self._side()
-        return super().begin() if side is self else side.begin()
-
-    def commit(self) -> None:
-        side = self._side()
-        return super().commit() if side is self else side.commit()
-
-    def rollback(self) -> None:
-        side = self._side()
-        return super().rollback() if side is self else side.rollback()
-
-    def after_commit(self, fn: Callable[[], Any]) -> Any:
-        side = self._side()
-        return super().after_commit(fn) if side is self else side.after_commit(fn)
-
-    def cursor(self, named_cursor: Any = None) -> Any:
-        side = self._side()
-        return super().cursor(named_cursor) if side is self else side.cursor(named_cursor)
-
-    def connection(self) -> Any:
-        side = self._side()
-        return super().connection() if side is self else side.connection()
+    transaction = _routed("transaction")
+    savepoint = _routed("savepoint")
+    manual_commit = _routed("manual_commit")
+    in_transaction = _routed("in_transaction")
+    transaction_depth = _routed("transaction_depth")
+    top_transaction = _routed("top_transaction")
+    begin = _routed("begin")
+    commit = _routed("commit")
+    rollback = _routed("rollback")
+    after_commit = _routed("after_commit")
+    cursor = _routed("cursor")
+    connection = _routed("connection")
 
     def close(self) -> bool:
         """Give back this thread's held connections, application and admin."""
