@@ -587,6 +587,9 @@ class _AsyncBackend(_Backend):
         await self._limiter(spec.strategy).clear(spec.item(), tag, spec.name)
 
     async def aclose(self) -> None:
+        for limiter in self._limiters.values():
+            if isinstance(limiter, AsyncTokenBucketRateLimiter):
+                await limiter.aclose()  # its own idle connections, beside the pool's
         if self._storage is None:
             return
         bridge = self._storage.bridge

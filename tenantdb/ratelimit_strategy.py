@@ -29,9 +29,9 @@ import limits.strategies
 from limits import RateLimitItem
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.util import WindowStats
-from redis.exceptions import NoScriptError
 
 from .errors import ConfigurationError
+from .ratelimit_transport import AsyncScriptCaller, ScriptCaller
 
 __all__ = [
     "TOKEN_BUCKET",
@@ -148,17 +148,15 @@ class TokenBucketRateLimiter(limits.strategies.RateLimiter):
         super().__init__(redis_storage)
         self.prefixed_key = redis_storage.prefixed_key
         self._client: Any = redis_storage.get_connection()
+        self._call = ScriptCaller(self._client, SCRIPT, SCRIPT_SHA)
 
     def evaluate(self, key: str, args: tuple[bytes, ...]) -> bytes:
         """Run the script on the full ``key`` with :func:`script_args`; the raw reply.
 
-        EVALSHA, loading the script on NOSCRIPT (a restarted server, a new cluster node).
+        EVALSHA, loading the script on NOSCRIPT (a restarted server, a new cluster node),
+        on :class:`~tenantdb.ratelimit_transport.ScriptCaller`'s lean path.
         """
-        try:
-            return self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
-        except NoScriptError:
-            self._client.script_load(SCRIPT)
-            return self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
+        return self._call(key, args)  # type: ignore[no-any-return]
 
     def acquire(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> TokenBucketState:
         """Take ``cost`` tokens if all are there; a denied call takes nothing.
@@ -206,14 +204,15 @@ class AsyncTokenBucketRateLimiter(limits.aio.strategies.RateLimiter):
         super().__init__(redis_storage)
         self.prefixed_key = redis_storage.bridge.prefixed_key
         self._client: Any = redis_storage.bridge.get_connection()
+        self._call = AsyncScriptCaller(self._client, SCRIPT, SCRIPT_SHA)
 
     async def evaluate(self, key: str, args: tuple[bytes, ...]) -> bytes:
         """See :meth:`TokenBucketRateLimiter.evaluate`."""
-        try:
-            return await self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
-        except NoScriptError:
-            await self._client.script_load(SCRIPT)
-            return await self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
+        return await self._call(key, args)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Disconnect the connections kept for the script (the storage's are its own)."""
+        await self._call.aclose()
 
     async def acquire(
         self, item: RateLimitItem, *identifiers: str, cost: int = 1
