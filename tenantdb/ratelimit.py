@@ -66,7 +66,6 @@ from .ratelimit_strategy import (
     AsyncTokenBucketRateLimiter,
     TokenBucketRateLimiter,
     TokenBucketState,
-    reply_fields,
     script_args,
 )
 from .settings import Settings, get_settings
@@ -92,7 +91,10 @@ logger = logging.getLogger(__name__)
 KEY_NAMESPACE = "rl"
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A canonical UUID passes without being parsed: the common case costs one match.
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_TEXT = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CANONICAL_UUID = re.compile(_UUID_TEXT)
+# Org and user both canonical: one match over the hash tag they make.
+_CANONICAL_TAG = re.compile(rf"\{{{_UUID_TEXT}:{_UUID_TEXT}\}}")
 
 # The default buckets' limits per minute, by Settings field.
 _LIMIT_SETTINGS = {"agent": "rate_limit_agent_per_minute", "crud": "rate_limit_crud_per_minute"}
@@ -169,6 +171,11 @@ class RateLimitResult(NamedTuple):
     def degraded(self) -> bool:
         """Redis could not be asked: a fail-open pass or a fail-closed refusal."""
         return self.reason is RateLimitReason.REDIS_UNAVAILABLE
+
+
+# Read once: an enum member's class attribute lookup costs a call on every check.
+_WITHIN_LIMIT = RateLimitReason.WITHIN_LIMIT
+_new_result = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -336,6 +343,10 @@ def _request(
     org_id: object, where: str,
 ) -> tuple[BucketSpec, str]:
     # The hash tag names org and user: a user id is unique only within its org.
+    if type(org_id) is str and type(user_id) is str:
+        tag = f"{{{org_id}:{user_id}}}"
+        if _CANONICAL_TAG.fullmatch(tag):
+            return _resolve(bucket, limit_per_minute), tag
     tag = f"{{{_org_text(org_id, where)}:{_user_text(user_id, where)}}}"
     return _resolve(bucket, limit_per_minute), tag
 
@@ -397,14 +408,18 @@ def _limit_item(spec: BucketSpec) -> RateLimitItem:
 
 
 def _bucket_result(spec: BucketSpec, reply: bytes) -> RateLimitResult:
-    allowed, remaining, wait_us, full_us = reply_fields(reply)
+    # The script's line: "<remaining> <us until full>", plus the wait on a refusal (see
+    # ratelimit_strategy.reply_fields), read here without the 4-tuple: the hot path.
+    fields = reply.split()
     # Whole seconds, rounded up: -(-a // b) is ceil in integers. A refusal waits >= 1 us.
-    reset = -(-full_us // _MICROSECONDS)
-    if allowed:
-        return RateLimitResult(True, spec.limit, spec.period_s, spec.name, remaining, reset,
-                               None, RateLimitReason.WITHIN_LIMIT)
+    reset = -(-int(fields[1]) // _MICROSECONDS)
+    if len(fields) == 2:
+        # tuple.__new__ builds the named tuple without its generated __new__'s extra call.
+        return _new_result(RateLimitResult, (True, spec.limit, spec.period_s, spec.name,
+                                             int(fields[0]), reset, None, _WITHIN_LIMIT))
+    wait_us = int(fields[2])
     retry = None if wait_us < 0 else -(-wait_us // _MICROSECONDS)
-    return _result(spec, False, remaining, reset, retry)
+    return _result(spec, False, int(fields[0]), reset, retry)
 
 
 def _window_result(spec: BucketSpec, allowed: bool, stats: WindowStats) -> RateLimitResult:

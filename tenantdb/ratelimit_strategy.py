@@ -95,10 +95,16 @@ def script_args(amount: int, period_s: int, cost: int, consume: bool) -> tuple[b
     return tuple(str(n).encode() for n in (per_us, per_token, amount, cost, int(consume)))
 
 
-def reply_fields(reply: bytes | str) -> tuple[int, ...]:
+def reply_fields(reply: bytes | str) -> tuple[int, int, int, int]:
     """The script's status line as integers: allowed (0/1), remaining, retry-after in
-    microseconds (-1: never), microseconds until full."""
-    return tuple(map(int, reply.split()))
+    microseconds (0 when allowed, -1: never), microseconds until full.
+
+    The line is "<remaining> <us until full>" when allowed; a refusal adds its wait.
+    """
+    fields = reply.split()
+    if len(fields) == 2:
+        return 1, int(fields[0]), 0, int(fields[1])
+    return 0, int(fields[0]), int(fields[2]), int(fields[1])
 
 
 def parse_reply(reply: bytes | str) -> TokenBucketState:

@@ -47,6 +47,8 @@ def _lean_pool(client: object, client_type: type) -> Any:
     if type(client) is not client_type or getattr(client, "connection", None) is not None:
         return None  # a subclass may override commands; a single-connection client is locked
     pool = client.connection_pool  # type: ignore[attr-defined]
+    if getattr(pool, "cache", None) is not None:
+        return None  # client-side caching wraps each connection in a proxy of its own
     retry = pool.connection_kwargs.get("retry")
     if retry is None or retry.get_retries() != 0:
         return None  # the client would retry: keep its semantics
@@ -84,21 +86,25 @@ class _Packing:
         return shape
 
 
-def _readable(conn: Any) -> bool:
-    """An idle sync connection has something to read: EOF (closed by the server) or junk.
+# Bumped in a forked child: its callers drop the parent's connections (their sockets are
+# the parent's too) without a getpid() system call on every check.
+_forks = [0]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
-    One ``poll`` with no wait, on the socket redis-py keeps in ``_sock`` (``None`` until
-    connected); ``Connection.can_read`` does the same through a non-blocking ``recv`` and
-    an exception, at several times the cost.
+
+def _probe(sock: Any) -> Any:
+    """A ``poll`` object watching ``sock`` for input, made once per socket.
+
+    An idle connection that turns readable has EOF (the server closed it) or bytes nobody
+    asked for; ``Connection.can_read``, which the pool's checkout uses, finds out through
+    a non-blocking ``recv`` and an exception, several times the cost of one ``poll(0)``.
     """
-    sock = getattr(conn, "_sock", None)
-    if sock is None:
-        return False
     if not hasattr(select, "poll"):  # pragma: no cover - platforms without poll
-        return bool(conn.can_read())
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+        return None
+    probe = select.poll()
+    probe.register(sock, select.POLLIN)
+    return probe
 
 
 class ScriptCaller:
@@ -113,8 +119,10 @@ class ScriptCaller:
         self._client = client
         self._pool = _lean_pool(client, redis.Redis)
         self._packing = _Packing(script, sha, self._pool)
-        self._idle: list[Any] = []
-        self._pid = os.getpid()
+        # Idle connections, each with the socket it had when put back and that socket's
+        # probe: (connection, socket, probe).
+        self._idle: list[tuple[Any, Any, Any]] = []
+        self._forks = _forks[0]
 
     def __call__(self, key: str, args: tuple[bytes, ...]) -> Any:
         """The script's reply for ``key`` and ``args`` (the server's ``ARGV``)."""
@@ -128,40 +136,45 @@ class ScriptCaller:
         if self._pool is None:
             return self._client.execute_command("EVALSHA", self._packing.sha, 1, key, *args)
         command = [self._packing.command(key, args)]
-        conn = self._checkout()
+        conn, sock, probe = self._checkout()
         try:
             conn.send_packed_command(command)
             reply = conn.read_response()
         except ResponseError:
-            self._checkin(conn)  # an error reply was read whole: the connection is in step
+            self._checkin(conn, sock, probe)  # an error reply was read whole: in step
             raise
         except BaseException:
             # A timeout or an interruption may leave a reply in flight: never reuse it.
             conn.disconnect()
             raise
-        self._checkin(conn)
+        self._checkin(conn, sock, probe)
         return reply
 
-    def _checkout(self) -> Any:
-        if self._pid != os.getpid():
+    def _checkout(self) -> tuple[Any, Any, Any]:
+        if self._forks != _forks[0]:
             # A forked child must not share its parent's sockets: start afresh.
-            self._idle, self._pid = [], os.getpid()
+            self._idle, self._forks = [], _forks[0]
         try:
-            conn = self._idle.pop()  # atomic: threads never get the same connection
+            conn, sock, probe = self._idle.pop()  # atomic: no two threads get one
         except IndexError:
-            conn = self._pool.make_connection()
+            conn, sock, probe = self._pool.make_connection(), None, None
         else:
-            if _readable(conn):
+            if probe.poll(0) if probe is not None else conn.can_read():
                 conn.disconnect()
-        if getattr(conn, "_sock", None) is None:
+        if conn._sock is None:  # redis-py's socket: None until connected
             # connect() itself, not send's implicit connect: a sentinel's connection
             # asks the sentinels for the master only in connect().
             conn.connect()
-        return conn
+        return conn, sock, probe
 
-    def _checkin(self, conn: Any) -> None:
+    def _checkin(self, conn: Any, sock: Any, probe: Any) -> None:
+        current = conn._sock
+        if current is None:
+            return
+        if current is not sock:  # connected (or reconnected) during this call
+            sock, probe = current, _probe(current)
         if len(self._idle) < _MAX_IDLE:
-            self._idle.append(conn)
+            self._idle.append((conn, sock, probe))
         else:
             conn.disconnect()
 
