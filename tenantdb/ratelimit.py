@@ -331,6 +331,8 @@ async def areset_rate_limit(
 
 async def aclose_rate_limits() -> None:
     """Close the running event loop's Redis clients for rate limits (at shutdown)."""
+    global _last_async
+    _last_async = _NO_ASYNC  # a later check on this loop builds new clients
     for backend in _ASYNC_BACKENDS.pop(asyncio.get_running_loop(), {}).values():
         await backend.aclose()
 
@@ -668,12 +670,30 @@ _ASYNC_BACKENDS: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
+# The loop and settings seen last and their backend, as _last_sync. Weak references: a
+# finished loop's clients must still go with the loop, not live on here.
+_AsyncSeen = tuple[
+    "weakref.ref[asyncio.AbstractEventLoop] | None", Settings | None,
+    "weakref.ref[_AsyncBackend] | None",
+]
+_NO_ASYNC: _AsyncSeen = (None, None, None)
+_last_async: _AsyncSeen = _NO_ASYNC
+
+
 def _async_backend(settings: Settings) -> _AsyncBackend:
+    global _last_async
+    loop = asyncio.get_running_loop()
+    seen_loop, seen, seen_backend = _last_async
+    if seen is settings and seen_loop is not None and seen_loop() is loop:
+        backend = seen_backend() if seen_backend is not None else None
+        if backend is not None:
+            return backend
     key = _backend_key(settings)
-    backends = _ASYNC_BACKENDS.setdefault(asyncio.get_running_loop(), {})
+    backends = _ASYNC_BACKENDS.setdefault(loop, {})
     backend = backends.get(key)
     if backend is None:
         if len(backends) >= _MAX_CLIENTS_PER_LOOP:
             backends.pop(next(iter(backends)))
         backend = backends[key] = _AsyncBackend(*key)
+    _last_async = (weakref.ref(loop), settings, weakref.ref(backend))
     return backend

@@ -225,7 +225,31 @@ def test_closing_the_loops_clients_closes_the_checks_connections(
             await aclose_rate_limits()
 
     asyncio.run(work())
+    assert _settle(tenantdb_redis.client, before) == before
+
+
+def _settle(client: redis.Redis, count: int) -> int:
+    """The server's client count once it is ``count``, or after 2 s."""
     deadline = time.monotonic() + 2
-    while _server_clients(tenantdb_redis.client) > before and time.monotonic() < deadline:
+    while _server_clients(client) != count and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _server_clients(tenantdb_redis.client) == before
+    return _server_clients(client)
+
+
+def test_a_check_after_closing_on_the_same_loop_gets_clients_closed_again(
+    tenantdb_redis: TestRedis, user: str
+) -> None:
+    before = _server_clients(tenantdb_redis.client)
+
+    async def work() -> list[int | None]:
+        first = await acheck_rate_limit(user, WIDE, org_id=ORG)
+        await aclose_rate_limits()
+        try:
+            again = await acheck_rate_limit(user, WIDE, org_id=ORG)
+        finally:
+            await aclose_rate_limits()  # closes what the second check opened, too
+        assert not again.degraded
+        return [first.remaining, again.remaining]
+
+    assert asyncio.run(work()) == [WIDE.limit - 1, WIDE.limit - 2]
+    assert _settle(tenantdb_redis.client, before) == before
