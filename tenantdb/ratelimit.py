@@ -21,6 +21,10 @@ strategy on any ``limits`` Redis storage (``redis://``, ``redis+unix://``,
 ``limits``' own strategies instead (``"moving-window"`` ...), at the price of a second round
 trip and the application's clock.
 
+The script goes out as one pre-packed EVALSHA on connections kept for it
+(:mod:`tenantdb.ratelimit_transport`): redis-py's generic command path cost more than the
+round trip.
+
 When Redis is down or hung a check returns within ``redis_socket_timeout_s`` in the bucket's
 failure mode, marked ``reason=REDIS_UNAVAILABLE`` (``degraded``); it never raises a Redis
 error.
