@@ -99,6 +99,11 @@ _UUID_TEXT = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _CANONICAL_UUID = re.compile(_UUID_TEXT)
 # Org and user both canonical: one match over the hash tag they make.
 _CANONICAL_TAG = re.compile(rf"\{{{_UUID_TEXT}:{_UUID_TEXT}\}}")
+# Tags that matched: a user's next check skips the pattern. Only canonical tags go in, and
+# a canonical tag splits into org and user one way only (one ':' at a fixed place), so a
+# hit vouches for both. Bounded: cleared when full.
+_CHECKED_TAGS: dict[str, None] = {}
+_MAX_CHECKED_TAGS = 4096
 
 # The default buckets' limits per minute, by Settings field.
 _LIMIT_SETTINGS = {"agent": "rate_limit_agent_per_minute", "crud": "rate_limit_crud_per_minute"}
@@ -351,7 +356,12 @@ def _request(
     # The hash tag names org and user: a user id is unique only within its org.
     if type(org_id) is str and type(user_id) is str:
         tag = f"{{{org_id}:{user_id}}}"
+        if tag in _CHECKED_TAGS:
+            return _resolve(bucket, limit_per_minute), tag
         if _CANONICAL_TAG.fullmatch(tag):
+            if len(_CHECKED_TAGS) >= _MAX_CHECKED_TAGS:
+                _CHECKED_TAGS.clear()
+            _CHECKED_TAGS[tag] = None
             return _resolve(bucket, limit_per_minute), tag
     tag = f"{{{_org_text(org_id, where)}:{_user_text(user_id, where)}}}"
     return _resolve(bucket, limit_per_minute), tag
