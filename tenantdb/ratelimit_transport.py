@@ -138,14 +138,21 @@ class ScriptCaller:
         command = [self._packing.command(key, args)]
         conn, sock, probe = self._checkout()
         try:
+            if conn._sock is None:  # redis-py's socket: None until connected
+                # connect() itself, not send's implicit connect: a sentinel's connection
+                # asks the sentinels for the master only in connect().
+                conn.connect()
             conn.send_packed_command(command)
             reply = conn.read_response()
         except ResponseError:
             self._checkin(conn, sock, probe)  # an error reply was read whole: in step
             raise
         except BaseException:
-            # A timeout or an interruption may leave a reply in flight: never reuse it.
+            # A timeout or an interruption may leave a reply in flight: never reuse the
+            # socket. The connection object is kept, disconnected: through an outage the
+            # checks reuse it rather than have the pool make one per check.
             conn.disconnect()
+            self._checkin(conn, None, None)
             raise
         self._checkin(conn, sock, probe)
         return reply
@@ -157,22 +164,15 @@ class ScriptCaller:
         try:
             conn, sock, probe = self._idle.pop()  # atomic: no two threads get one
         except IndexError:
-            conn, sock, probe = self._pool.make_connection(), None, None
-        else:
-            if probe.poll(0) if probe is not None else conn.can_read():
-                conn.disconnect()
-        if conn._sock is None:  # redis-py's socket: None until connected
-            # connect() itself, not send's implicit connect: a sentinel's connection
-            # asks the sentinels for the master only in connect().
-            conn.connect()
+            return self._pool.make_connection(), None, None
+        if sock is not None and (probe.poll(0) if probe is not None else conn.can_read()):
+            conn.disconnect()
         return conn, sock, probe
 
     def _checkin(self, conn: Any, sock: Any, probe: Any) -> None:
         current = conn._sock
-        if current is None:
-            return
-        if current is not sock:  # connected (or reconnected) during this call
-            sock, probe = current, _probe(current)
+        if current is not sock:  # connected, reconnected or disconnected during this call
+            sock, probe = current, None if current is None else _probe(current)
         if len(self._idle) < _MAX_IDLE:
             self._idle.append((conn, sock, probe))
         else:
@@ -220,6 +220,8 @@ class AsyncScriptCaller:
         command = [self._packing.command(key, args)]
         conn = await self._checkout()
         try:
+            if not conn.is_connected:
+                await conn.connect()  # see ScriptCaller._send
             await conn.send_packed_command(command)
             reply = await conn.read_response()
         except ResponseError:
@@ -227,7 +229,9 @@ class AsyncScriptCaller:
             raise
         except BaseException:
             # Cancelled or timed out between send and reply: the reply may still come.
+            # Kept disconnected, as in ScriptCaller._send.
             await conn.disconnect(nowait=True)
+            await self._checkin(conn)
             raise
         await self._checkin(conn)
         return reply
@@ -236,12 +240,9 @@ class AsyncScriptCaller:
         try:
             conn = self._idle.pop()
         except IndexError:
-            conn = self._pool.make_connection()
-        else:
-            if _areadable(conn):
-                await conn.disconnect()
-        if not conn.is_connected:
-            await conn.connect()  # see ScriptCaller._checkout
+            return self._pool.make_connection()
+        if _areadable(conn):
+            await conn.disconnect()
         return conn
 
     async def _checkin(self, conn: Any) -> None:

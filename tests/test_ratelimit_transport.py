@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_cluster import RedisServer, dedicated_server
 
+from tenantdb import ratelimit
 from tenantdb.pytest_plugin import TestRedis
 from tenantdb.ratelimit import (
     BucketSpec,
@@ -33,7 +34,13 @@ from tenantdb.ratelimit import (
     aclose_rate_limits,
     check_rate_limit,
 )
-from tenantdb.ratelimit_strategy import SCRIPT, SCRIPT_SHA, reply_fields, script_args
+from tenantdb.ratelimit_strategy import (
+    SCRIPT,
+    SCRIPT_SHA,
+    TOKEN_BUCKET,
+    reply_fields,
+    script_args,
+)
 from tenantdb.ratelimit_transport import ScriptCaller
 from tenantdb.settings import get_settings
 
@@ -132,6 +139,21 @@ def test_lean_and_client_paths_reply_alike_and_reload_the_script(
     replies.append(reply_fields(call(key, args))[:2])
     assert replies == [(1, 4), (1, 3), (1, 2)]
     client.close()
+
+
+def test_an_outage_reuses_one_connection_rather_than_making_one_per_check(
+    dedicated_redis: RedisServer, user: str
+) -> None:
+    check_rate_limit(user, WIDE, org_id=ORG)
+    limiter = ratelimit._sync_backend(get_settings())._limiter(TOKEN_BUCKET)
+    made = limiter._client.connection_pool._created_connections
+    dedicated_redis.stop()
+    assert all(check_rate_limit(user, WIDE, org_id=ORG).degraded for _ in range(20))
+    # The pool makes connections it never gets back: one per failed check would pile up
+    # through a long outage (a BlockingConnectionPool keeps a list of all it made).
+    assert limiter._client.connection_pool._created_connections == made
+    dedicated_redis.start()
+    assert check_rate_limit(user, WIDE, org_id=ORG).remaining == WIDE.limit - 1
 
 
 # A REPLY IN FLIGHT IS NEVER READ BY THE NEXT CALLER
