@@ -21,6 +21,10 @@ strategy on any ``limits`` Redis storage (``redis://``, ``redis+unix://``,
 ``limits``' own strategies instead (``"moving-window"`` ...), at the price of a second round
 trip and the application's clock.
 
+The script goes out as one pre-packed EVALSHA on connections kept for it
+(:mod:`tenantdb.ratelimit_transport`): redis-py's generic command path cost more than the
+round trip.
+
 When Redis is down or hung a check returns within ``redis_socket_timeout_s`` in the bucket's
 failure mode, marked ``reason=REDIS_UNAVAILABLE`` (``degraded``); it never raises a Redis
 error.
@@ -66,7 +70,6 @@ from .ratelimit_strategy import (
     AsyncTokenBucketRateLimiter,
     TokenBucketRateLimiter,
     TokenBucketState,
-    reply_fields,
     script_args,
 )
 from .settings import Settings, get_settings
@@ -93,7 +96,15 @@ logger = logging.getLogger(__name__)
 KEY_NAMESPACE = "rl"
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A canonical UUID passes without being parsed: the common case costs one match.
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_TEXT = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CANONICAL_UUID = re.compile(_UUID_TEXT)
+# Org and user both canonical: one match over the hash tag they make.
+_CANONICAL_TAG = re.compile(rf"\{{{_UUID_TEXT}:{_UUID_TEXT}\}}")
+# Tags that matched: a user's next check skips the pattern. Only canonical tags go in, and
+# a canonical tag splits into org and user one way only (one ':' at a fixed place), so a
+# hit vouches for both. Bounded: cleared when full.
+_CHECKED_TAGS: dict[str, None] = {}
+_MAX_CHECKED_TAGS = 4096
 
 # The default buckets' limits per minute, by Settings field.
 _LIMIT_SETTINGS = {"agent": "rate_limit_agent_per_minute", "crud": "rate_limit_crud_per_minute"}
@@ -170,6 +181,11 @@ class RateLimitResult(NamedTuple):
     def degraded(self) -> bool:
         """Redis could not be asked: a fail-open pass or a fail-closed refusal."""
         return self.reason is RateLimitReason.REDIS_UNAVAILABLE
+
+
+# Read once: an enum member's class attribute lookup costs a call on every check.
+_WITHIN_LIMIT = RateLimitReason.WITHIN_LIMIT
+_new_result = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -324,6 +340,8 @@ async def areset_rate_limit(
 
 async def aclose_rate_limits() -> None:
     """Close the running event loop's Redis clients for rate limits (at shutdown)."""
+    global _last_async
+    _last_async = _NO_ASYNC  # a later check on this loop builds new clients
     for backend in _ASYNC_BACKENDS.pop(asyncio.get_running_loop(), {}).values():
         await backend.aclose()
 
@@ -336,6 +354,15 @@ def _request(
     org_id: object, where: str,
 ) -> tuple[BucketSpec, str]:
     # The hash tag names org and user: a user id is unique only within its org.
+    if type(org_id) is str and type(user_id) is str:
+        tag = f"{{{org_id}:{user_id}}}"
+        if tag in _CHECKED_TAGS:
+            return _resolve(bucket, limit_per_minute), tag
+        if _CANONICAL_TAG.fullmatch(tag):
+            if len(_CHECKED_TAGS) >= _MAX_CHECKED_TAGS:
+                _CHECKED_TAGS.clear()
+            _CHECKED_TAGS[tag] = None
+            return _resolve(bucket, limit_per_minute), tag
     tag = f"{{{_org_text(org_id, where)}:{_user_text(user_id, where)}}}"
     return _resolve(bucket, limit_per_minute), tag
 
@@ -385,14 +412,18 @@ def _limit_item(spec: BucketSpec) -> RateLimitItem:
 
 
 def _bucket_result(spec: BucketSpec, reply: bytes) -> RateLimitResult:
-    allowed, remaining, wait_us, full_us = reply_fields(reply)
+    # The script's line: "<remaining> <us until full>", plus the wait on a refusal (see
+    # ratelimit_strategy.reply_fields), read here without the 4-tuple: the hot path.
+    fields = reply.split()
     # Whole seconds, rounded up: -(-a // b) is ceil in integers. A refusal waits >= 1 us.
-    reset = -(-full_us // _MICROSECONDS)
-    if allowed:
-        return RateLimitResult(True, spec.limit, spec.period_s, spec.name, remaining, reset,
-                               None, RateLimitReason.WITHIN_LIMIT)
+    reset = -(-int(fields[1]) // _MICROSECONDS)
+    if len(fields) == 2:
+        # tuple.__new__ builds the named tuple without its generated __new__'s extra call.
+        return _new_result(RateLimitResult, (True, spec.limit, spec.period_s, spec.name,
+                                             int(fields[0]), reset, None, _WITHIN_LIMIT))
+    wait_us = int(fields[2])
     retry = None if wait_us < 0 else -(-wait_us // _MICROSECONDS)
-    return _result(spec, False, remaining, reset, retry)
+    return _result(spec, False, int(fields[0]), reset, retry)
 
 
 def _window_result(spec: BucketSpec, allowed: bool, stats: WindowStats) -> RateLimitResult:
@@ -575,6 +606,9 @@ class _AsyncBackend(_Backend):
         await self._limiter(spec.strategy).clear(spec.item(), tag, spec.name)
 
     async def aclose(self) -> None:
+        for limiter in self._limiters.values():
+            if isinstance(limiter, AsyncTokenBucketRateLimiter):
+                await limiter.aclose()  # its own idle connections, beside the pool's
         if self._storage is None:
             return
         bridge = self._storage.bridge
@@ -638,12 +672,30 @@ _ASYNC_BACKENDS: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
+# The loop and settings seen last and their backend, as _last_sync. Weak references: a
+# finished loop's clients must still go with the loop, not live on here.
+_AsyncSeen = tuple[
+    "weakref.ref[asyncio.AbstractEventLoop] | None", Settings | None,
+    "weakref.ref[_AsyncBackend] | None",
+]
+_NO_ASYNC: _AsyncSeen = (None, None, None)
+_last_async: _AsyncSeen = _NO_ASYNC
+
+
 def _async_backend(settings: Settings) -> _AsyncBackend:
+    global _last_async
+    loop = asyncio.get_running_loop()
+    seen_loop, seen, seen_backend = _last_async
+    if seen is settings and seen_loop is not None and seen_loop() is loop:
+        backend = seen_backend() if seen_backend is not None else None
+        if backend is not None:
+            return backend
     key = _backend_key(settings)
-    backends = _ASYNC_BACKENDS.setdefault(asyncio.get_running_loop(), {})
+    backends = _ASYNC_BACKENDS.setdefault(loop, {})
     backend = backends.get(key)
     if backend is None:
         if len(backends) >= _MAX_CLIENTS_PER_LOOP:
             backends.pop(next(iter(backends)))
         backend = backends[key] = _AsyncBackend(*key)
+    _last_async = (weakref.ref(loop), settings, weakref.ref(backend))
     return backend

@@ -29,9 +29,9 @@ import limits.strategies
 from limits import RateLimitItem
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.util import WindowStats
-from redis.exceptions import NoScriptError
 
 from .errors import ConfigurationError
+from .ratelimit_transport import AsyncScriptCaller, ScriptCaller
 from .validation import check_int
 
 __all__ = [
@@ -95,10 +95,16 @@ def script_args(amount: int, period_s: int, cost: int, consume: bool) -> tuple[b
     return tuple(str(n).encode() for n in (per_us, per_token, amount, cost, int(consume)))
 
 
-def reply_fields(reply: bytes | str) -> tuple[int, ...]:
+def reply_fields(reply: bytes | str) -> tuple[int, int, int, int]:
     """The script's status line as integers: allowed (0/1), remaining, retry-after in
-    microseconds (-1: never), microseconds until full."""
-    return tuple(map(int, reply.split()))
+    microseconds (0 when allowed, -1: never), microseconds until full.
+
+    The line is "<remaining> <us until full>" when allowed; a refusal adds its wait.
+    """
+    fields = reply.split()
+    if len(fields) == 2:
+        return 1, int(fields[0]), 0, int(fields[1])
+    return 0, int(fields[0]), int(fields[2]), int(fields[1])
 
 
 def parse_reply(reply: bytes | str) -> TokenBucketState:
@@ -148,17 +154,15 @@ class TokenBucketRateLimiter(limits.strategies.RateLimiter):
         super().__init__(redis_storage)
         self.prefixed_key = redis_storage.prefixed_key
         self._client: Any = redis_storage.get_connection()
+        self._call = ScriptCaller(self._client, SCRIPT, SCRIPT_SHA)
 
     def evaluate(self, key: str, args: tuple[bytes, ...]) -> bytes:
         """Run the script on the full ``key`` with :func:`script_args`; the raw reply.
 
-        EVALSHA, loading the script on NOSCRIPT (a restarted server, a new cluster node).
+        EVALSHA, loading the script on NOSCRIPT (a restarted server, a new cluster node),
+        on :class:`~tenantdb.ratelimit_transport.ScriptCaller`'s lean path.
         """
-        try:
-            return self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
-        except NoScriptError:
-            self._client.script_load(SCRIPT)
-            return self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
+        return self._call(key, args)  # type: ignore[no-any-return]
 
     def acquire(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> TokenBucketState:
         """Take ``cost`` tokens if all are there; a denied call takes nothing.
@@ -206,14 +210,15 @@ class AsyncTokenBucketRateLimiter(limits.aio.strategies.RateLimiter):
         super().__init__(redis_storage)
         self.prefixed_key = redis_storage.bridge.prefixed_key
         self._client: Any = redis_storage.bridge.get_connection()
+        self._call = AsyncScriptCaller(self._client, SCRIPT, SCRIPT_SHA)
 
     async def evaluate(self, key: str, args: tuple[bytes, ...]) -> bytes:
         """See :meth:`TokenBucketRateLimiter.evaluate`."""
-        try:
-            return await self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
-        except NoScriptError:
-            await self._client.script_load(SCRIPT)
-            return await self._client.execute_command("EVALSHA", SCRIPT_SHA, 1, key, *args)  # type: ignore[no-any-return]
+        return await self._call(key, args)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Disconnect the connections kept for the script (the storage's are its own)."""
+        await self._call.aclose()
 
     async def acquire(
         self, item: RateLimitItem, *identifiers: str, cost: int = 1

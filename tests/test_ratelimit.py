@@ -331,6 +331,20 @@ def test_missing_or_bad_org_is_refused_before_any_redis_command(
     assert command_calls(tenantdb_redis.client) == before
 
 
+def test_ids_checked_before_vouch_for_no_other_split(
+    tenantdb_redis: TestRedis, user: str
+) -> None:
+    # A valid pair is remembered after its first check; its pieces recombined (the
+    # colon moved into the org or the user) are still refused, before any command.
+    check_rate_limit(user, "agent", org_id=ORG)
+    before = command_calls(tenantdb_redis.client)
+    for org_id, user_id in [(f"{ORG}:{user[:8]}", user[9:]), (ORG[:-1], f"{ORG[-1]}:{user}"),
+                            (f"{ORG}:", user), (ORG, f":{user}")]:
+        with pytest.raises((ValueError, MissingOrgError)):
+            check_rate_limit(user_id, "agent", org_id=org_id)
+    assert command_calls(tenantdb_redis.client) == before
+
+
 def test_org_id_is_a_required_keyword() -> None:
     with pytest.raises(TypeError, match="org_id"):
         check_rate_limit(str(uuid.uuid4()), "agent")  # type: ignore[call-arg]

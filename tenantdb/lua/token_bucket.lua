@@ -12,8 +12,8 @@
 -- ARGV[4]  cost: tokens to take (0 only looks).
 -- ARGV[5]  "1" to take them if allowed, "0" to only test.
 --
--- Returns one status line "<allowed 0/1> <remaining> <retry after us, -1 = never>
--- <us until full>". The caller keeps capacity * ticks per token below 2^52, so every
+-- Returns one status line: "<remaining> <us until full>" when allowed, and
+-- "<remaining> <us until full> <retry after us, -1 = never>" when not. The caller keeps capacity * ticks per token below 2^52, so every
 -- number here is an integer a Lua double holds exactly, and "%d" (a C long, 64 bits on
 -- the platforms Redis ships for) prints it whole; "%.0f" would go through the C library's
 -- slow floating-point printing. Needs Redis >= 5, where scripts replicate their effects,
@@ -53,6 +53,11 @@ elseif need > 0 and ARGV[5] == "1" then
     debt = after
 end
 
--- One status line rather than an array: redis-py parses it in a single read.
-return redis.status_reply(string.format("%d %d %d %d", wait == 0 and 1 or 0,
-    math.floor((burst - debt) / per_token), wait, math.ceil(debt / per_us)))
+-- One status line rather than an array: redis-py parses it in a single read. Only a
+-- refusal has a wait, so an allowed call's line carries two numbers, not four.
+local remaining = math.floor((burst - debt) / per_token)
+local full = math.ceil(debt / per_us)
+if wait == 0 then
+    return redis.status_reply(string.format("%d %d", remaining, full))
+end
+return redis.status_reply(string.format("%d %d %d", remaining, full, wait))
