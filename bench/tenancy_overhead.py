@@ -5,7 +5,7 @@ the application role (verifier, org and role set in the same round trip, row-lev
 security); plain Peewee maps the same table with no scoping; psycopg2 sends the bare SQL.
 The rounds interleave the three so that machine noise hits them alike; the figure per
 operation is the median of the rounds' mean times, and each ratio the median of the
-per-round ratios.
+per-round ratios (in brackets, the middle half of them: how much the machine moved).
 
     python bench/tenancy_overhead.py [--rows 100000] [--orgs 100] [--rounds 15] [--ops 300]
     python bench/tenancy_overhead.py --quick      # 10000 rows, 9 rounds x 200 operations
@@ -79,9 +79,9 @@ def load(url: str, rows: int, orgs: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
 
 def measure(ops: dict[str, Callable[[tuple[uuid.UUID, uuid.UUID]], object]],
             keys: list[tuple[uuid.UUID, uuid.UUID]], rounds: int, per_round: int
-            ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median time per operation of each, and the median per-round ratio of tenantdb's time
-    to each other's."""
+            ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median time per operation of each, and the per-round ratios of tenantdb's time to
+    each other's."""
     samples: dict[str, list[float]] = {name: [] for name in ops}
     rng = random.Random(7)
     for _ in range(rounds):
@@ -91,10 +91,15 @@ def measure(ops: dict[str, Callable[[tuple[uuid.UUID, uuid.UUID]], object]],
             for key in batch:
                 ops[name](key)
             samples[name].append((time.perf_counter() - start) / per_round * 1e6)
-    ratios = {name: statistics.median(t / o for t, o in zip(samples["tenantdb"], values,
-                                                            strict=True))
+    ratios = {name: [t / o for t, o in zip(samples["tenantdb"], values, strict=True)]
               for name, values in samples.items() if name != "tenantdb"}
     return {name: statistics.median(values) for name, values in samples.items()}, ratios
+
+
+def _spread(ratios: list[float]) -> str:
+    """The median of per-round ratios, and the middle half of them."""
+    quarters = statistics.quantiles(ratios, n=4)
+    return f"{statistics.median(ratios):.2f}x ({quarters[0]:.2f}-{quarters[2]:.2f})"
 
 
 def main() -> None:
@@ -149,8 +154,8 @@ def main() -> None:
             result, ratio = measure(ops, keys, args.rounds, args.ops)
             print(f"{label:<11} tenantdb {result['tenantdb']:7.1f}  peewee "
                   f"{result['peewee']:7.1f}  psycopg2 {result['psycopg2']:7.1f}   "
-                  f"tenantdb/peewee {ratio['peewee']:.2f}x  "
-                  f"tenantdb/psycopg2 {ratio['psycopg2']:.2f}x")
+                  f"tenantdb/peewee {_spread(ratio['peewee'])}  "
+                  f"tenantdb/psycopg2 {_spread(ratio['psycopg2'])}")
         raw.close()
         plain.close_all()
 
