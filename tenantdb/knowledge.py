@@ -106,10 +106,11 @@ EXACT_SCAN_ROWS_PER_SQRT = 4.0
 #: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.
 EXACT_SCAN_MIN_ROWS = 2000
 #: pgvector >= 0.8: hnsw.ef_search of the iterative scan (candidates per step). On 100k
-#: rows, 40 queries per org: 40 and 100 left some queries of the 10-50 % orgs at recall 0
-#: (the graph search settled in another region); 200 kept every query at >= 0.9, at the
-#: same p50 as 100; 400 costs a quarter more for nothing.
-ITERATIVE_EF_SEARCH = 200
+#: rows, 40 queries per org of 5-50 %, with the graph of V01_08 (m 24, ef_construction
+#: 128): 60 and 100 gave every query recall 1.0, 40 left some at 0 (the graph search
+#: settled in another cluster); 100 keeps a margin for larger tables. (On V01_03's graph,
+#: m 16 and ef_construction 64, even 400 and 1,000 left some queries at 0.8.)
+ITERATIVE_EF_SEARCH = 100
 #: pgvector >= 0.8: candidates taken from the relaxed-order scan (at least k), then
 #: re-ranked exactly; fetching 20 instead of 10 gained no recall at ef_search 100.
 ITERATIVE_FETCH = 10
