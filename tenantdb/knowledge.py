@@ -97,17 +97,22 @@ MAX_K = HNSW_EF_SEARCH_MAX
 # same data set (README "Knowledge search"). An exact scan costs in proportion to the org's
 # rows; a filtered iterative scan in proportion to the rows it must visit to meet k of the
 # org's, about ef / share = ef * table / rows: they cross near sqrt(table), hence the rule.
-#: pgvector >= 0.8: exact scan up to max(EXACT_SCAN_MIN_ROWS, this * sqrt(table rows)):
-#: at 100k rows both cost about the same near 1,000-2,000 rows (sqrt 316).
-EXACT_SCAN_ROWS_PER_SQRT = 4.0
+#: pgvector >= 0.8: exact scan up to max(EXACT_SCAN_MIN_ROWS, this * sqrt(table rows)).
+#: On V01_08's graph at ef_search 200 both cost about the same near 4,500 rows at 100k
+#: rows (14 x sqrt) and between 4,000 and 8,000 at 400k (a 4,000-row org: 18 ms exact,
+#: 33 ms through the index); 12 puts the switch at 3,794 and 7,589 rows.
+EXACT_SCAN_ROWS_PER_SQRT = 12.0
 #: pgvector >= 0.8: orgs this small are always scanned exactly (about 4 ms). Below it the
 #: filtered scan also loses recall where an org has few rows per neighbourhood: on 20k
 #: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.
 EXACT_SCAN_MIN_ROWS = 2000
-#: pgvector >= 0.8: hnsw.ef_search of the iterative scan (candidates per step). On 100k
-#: rows, 40 queries per org: 40 and 100 left some queries of the 10-50 % orgs at recall 0
-#: (the graph search settled in another region); 200 kept every query at >= 0.9, at the
-#: same p50 as 100; 400 costs a quarter more for nothing.
+#: pgvector >= 0.8: hnsw.ef_search of the iterative scan (candidates per step), on the
+#: graph of V01_08 (m 24, ef_construction 128). On 100k rows (40 queries per org of
+#: 5-50 %) 60, 100 and 200 gave every query recall 1.0 and 40 left some at 0 (the graph
+#: search settled in another cluster); on 400k rows 100 left queries at 0 and 0.3 (5 %,
+#: 10 %) and ran slower than 200 (more iterations), while 200 and 400 gave every query
+#: 1.0. (On V01_03's graph, m 16 and ef_construction 64, even 400 and 1,000 left some
+#: queries at 0.8.)
 ITERATIVE_EF_SEARCH = 200
 #: pgvector >= 0.8: candidates taken from the relaxed-order scan (at least k), then
 #: re-ranked exactly; fetching 20 instead of 10 gained no recall at ef_search 100.

@@ -25,7 +25,7 @@ import pytest
 from helpers import StatementLog
 from tenancy_fixtures import TwoOrgs
 
-from tenantdb import knowledge
+from tenantdb import knowledge, migrate
 from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase, database
 from tenantdb.embedder import HashingEmbedder, get_embedder, register_embedder
 from tenantdb.errors import MissingOrgError
@@ -138,10 +138,14 @@ def _copy(cur: Any, data: Corpus) -> None:
                     "FROM STDIN (FORMAT binary)", buf)
 
 
+def recalls(corpus: Corpus, name: str, search: Any) -> list[float]:
+    """Recall@10 of each query."""
+    return [len({h.embedding.id for h in search(q)} & corpus.true_top(name, q)) / 10
+            for q in corpus.queries]
+
+
 def recall(corpus: Corpus, name: str, search: Any) -> float:
-    found = [len({h.embedding.id for h in search(q)} & corpus.true_top(name, q)) / 10
-             for q in corpus.queries]
-    return float(np.mean(found))
+    return float(np.mean(recalls(corpus, name, search)))
 
 
 def unit(seed: int) -> list[float]:
@@ -385,9 +389,9 @@ def test_threshold_is_injectable(corpus: Corpus, tenant_db: TenantDatabase,
 
 def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
     assert knowledge.exact_scan_rows(-1) == knowledge.EXACT_SCAN_MIN_ROWS
-    assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 1264)
-    assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 2529)
-    assert knowledge.exact_scan_rows(4_000_000) == 8000
+    assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 3794)
+    assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 7589)
+    assert knowledge.exact_scan_rows(4_000_000) == 24000
 
 
 def test_small_org_pays_one_round_trip_once_its_size_is_known(
@@ -424,6 +428,69 @@ def test_iterative_path_recall_at_least_095(corpus: Corpus, tenant_db: TenantDat
     assert recall(corpus, name, lambda q: knowledge._iterative_hnsw_search(
         org, knowledge._vector_literal(q, "q"), 10, None)) >= 0.95
     assert recall(corpus, name, lambda q: search_knowledge(org, q)) >= 0.95
+
+
+@pytest.mark.parametrize(("strategy", "name"), [
+    ("auto", "large"), ("auto", "mid"), ("auto", "small"),
+    ("iterative", "large"), ("iterative", "small")])
+def test_every_query_gets_at_least_nine_of_its_ten_nearest(
+        corpus: Corpus, tenant_db: TenantDatabase, monkeypatch: pytest.MonkeyPatch,
+        strategy: str, name: str) -> None:
+    # The target is per query, not only on average: a mean of 0.95 could hide a query
+    # that got half of its nearest rows. (Forced onto the index, the 180-row org has a
+    # query with four rows near it and the rest at ~0.95, nearly tied: the graph misses
+    # two of those at any ef_search, one reason orgs that small are ranked exactly.)
+    force(monkeypatch, strategy)
+    org = corpus.orgs[name]
+    found = recalls(corpus, name, lambda q: search_knowledge(org, q))
+    assert min(found) >= 0.9, found
+    assert float(np.mean(found)) >= 0.95
+
+
+def test_iterative_search_sends_its_ef_search_and_bound(
+        corpus: Corpus, tenant_db: TenantDatabase, monkeypatch: pytest.MonkeyPatch,
+        sql_log: StatementLog) -> None:
+    force(monkeypatch, "iterative")
+    assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
+    ran = [s for s in sql_log.statements if "set_config('hnsw.iterative_scan'" in s]
+    assert len(ran) == 1
+    assert (f", '{knowledge.ITERATIVE_EF_SEARCH}', '{knowledge.ITERATIVE_MAX_SCAN_TUPLES}', "
+            in ran[0])
+
+
+HNSW_OPTIONS_SQL = ("SELECT oid, reloptions FROM pg_class "
+                    "WHERE oid = to_regclass('embedding_vector_hnsw_idx')")
+
+
+def test_hnsw_index_has_the_denser_graph_of_v01_08(tenant_db: TenantDatabase) -> None:
+    # The recall figures behind ITERATIVE_EF_SEARCH were measured on this graph.
+    _, options = database.execute_sql(HNSW_OPTIONS_SQL).fetchone()
+    assert {"m=24", "ef_construction=128"} <= set(options)
+
+
+def test_v01_08_rebuilds_only_an_index_without_its_options(
+        tenantdb_database: TestDatabase) -> None:
+    script = (migrate.MIGRATIONS_DIR / "V01_08__hnsw_graph_quality.sql").read_text()
+    undo = (migrate.UNDO_DIR / "V01_08__hnsw_graph_quality.sql").read_text()
+    conn = psycopg2.connect(tenantdb_database.url)
+    try:
+        with conn.cursor() as cur:  # one transaction, rolled back: the shared schema stays
+            cur.execute(HNSW_OPTIONS_SQL)
+            migrated = cur.fetchone()
+            cur.execute(script)  # again: nothing to do
+            cur.execute(HNSW_OPTIONS_SQL)
+            assert cur.fetchone() == migrated
+            cur.execute(undo)  # V01_03's index: pgvector's defaults
+            cur.execute(HNSW_OPTIONS_SQL)
+            oid, options = cur.fetchone()
+            assert oid != migrated[0] and options is None
+            cur.execute(script)
+            cur.execute(HNSW_OPTIONS_SQL)
+            oid, options = cur.fetchone()
+            assert oid != migrated[0] and {"m=24", "ef_construction=128"} <= set(options)
+    finally:
+        conn.rollback()
+        conn.close()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
