@@ -57,6 +57,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import peewee_internals as pi
 from .context import OrgLike, require_org
 from .db import database
 from .embedder import Embedder, default_embedder, get_embedder, register_embedder
@@ -615,12 +616,9 @@ def _stored(model: type[Any], names: Sequence[str], values: Sequence[Any]) -> An
     made building ten hits cost as much as a small org's whole exact scan.
     """
     fields = model._meta.fields
-    instance: Any = object.__new__(model)
-    instance.__data__ = {name: (value if value is None else fields[name].python_value(value))
-                         for name, value in zip(names, values, strict=True)}
-    instance._dirty = set()
-    instance.__rel__ = {}
-    return instance
+    return pi.loaded_instance(model, {
+        name: (value if value is None else fields[name].python_value(value))
+        for name, value in zip(names, values, strict=True)})
 
 
 def _vector_literal(values: object, name: str) -> str:
