@@ -291,18 +291,55 @@ def _row_constructor(model: Any, org: uuid.UUID) -> Any:
     ``constructor(__no_default__=1, **columns)``, as it would call the model."""
     if model.__init__ is not TenantModel.__init__:
         return functools.partial(model, __tenantdb_org__=org)
+    if not _stores_columns_as_given(model):
+        def initialised(**columns: Any) -> Any:
+            # TenantModel.__init__ for a loaded row, minus its keyword handling.
+            obj = model.__new__(model)
+            peewee.Model.__init__(obj, **columns)
+            _loaded_in(obj.__dict__, org)
+            return obj
+
+        return initialised
+
+    fields = model._meta.fields.keys()
 
     def loaded(**columns: Any) -> Any:
-        # TenantModel.__init__ for a loaded row, minus its keyword handling: once per row.
-        obj = model.__new__(model)
-        peewee.Model.__init__(obj, **columns)
+        # Every accessor would only store its column: the row's data is the columns as given
+        # (a dict of this call's own), with no setattr per field. Once per row.
+        columns.pop(pi.NO_DEFAULT, None)
+        if not columns.keys() <= fields:  # also selected expressions: plain attributes
+            extra = {name: columns.pop(name) for name in columns.keys() - fields}
+            obj = pi.loaded_instance(model, columns)
+            obj.__dict__.update(extra)
+        else:
+            obj = pi.loaded_instance(model, columns)
         state = obj.__dict__
-        state["_tenantdb_persisted"] = True
-        if state.get("_tenantdb_row_org") is None:
-            state["_tenantdb_row_org"] = org
+        state["_tenantdb_row_org"] = columns.get(ORG_COLUMN)
+        _loaded_in(state, org)
         return obj
 
     return loaded
+
+
+def _loaded_in(state: dict[str, Any], org: uuid.UUID) -> None:
+    """Mark a row just read for ``org``: stored, and of the org it was read as (unless its
+    ``org_id`` column was read, which :class:`_OrgIdAccessor` recorded)."""
+    state["_tenantdb_persisted"] = True
+    if state.get("_tenantdb_row_org") is None:
+        state["_tenantdb_row_org"] = org
+
+
+@functools.cache
+def _stores_columns_as_given(model: Any) -> bool:
+    """Whether setting each of ``model``'s fields on a new row only stores the value: Peewee's
+    plain ``FieldAccessor``, or the org column's accessor (which also remembers the org).
+    A foreign key's accessor (or any other) does more, and gets the model's own path."""
+    for field in model._meta.sorted_fields:
+        accessor = next((vars(c)[field.name] for c in model.__mro__ if field.name in vars(c)),
+                        None)
+        if type(accessor) not in (peewee.FieldAccessor, _OrgIdAccessor):
+            return False
+    return True
 
 
 def _stamp(obj: Any, org: uuid.UUID) -> None:

@@ -15,9 +15,10 @@ from typing import Any
 
 import peewee
 import pytest
-from peewee import Table
+from peewee import Table, fn
 from tenancy_fixtures import IDS, TwoOrgs
 
+from tenantdb import peewee_internals as pi
 from tenantdb import planned, tenancy, verdicts
 from tenantdb.db import TenantDatabase
 from tenantdb.errors import CrossOrgError, UnscopedQueryError
@@ -241,3 +242,40 @@ def test_replayed_column_lists_read_the_right_rows(twins: TwoOrgs) -> None:
         for query in _shapes(twins.a)[:4]:
             rows = list(query)
             assert rows and all(row.org_id == twins.a for row in rows)
+
+
+# -- loaded rows built without a setattr per field ------------------------------------------------
+
+
+def test_loaded_rows_equal_rows_built_by_the_model(twins: TwoOrgs) -> None:
+    fast = Destination.select(org_id=twins.a).get()
+    slow = Destination(**{pi.NO_DEFAULT: 1}, **fast.__data__)
+    assert fast.__data__ == slow.__data__ and not fast.is_dirty()
+    assert fast.__rel__ == {}
+    fast.name = "Changed"
+    assert fast.dirty_fields == [Destination.name]
+    with pytest.raises(CrossOrgError):
+        fast.org_id = twins.b
+
+
+def test_selected_expressions_land_as_attributes_not_columns(twins: TwoOrgs) -> None:
+    (row,) = Destination.select(Destination.id, fn.LENGTH(Destination.name).alias("size"),
+                                org_id=twins.a)
+    # (Peewee converts a function of a text column as text.)
+    assert int(row.size) == len("Lisbon") and "size" not in row.__data__
+    assert row.id == IDS["destination"] and row.org_id is None  # not selected
+    row.name = "Porto"
+    row.save()  # remembers its org although org_id was not loaded
+    assert Destination.get_by_id(IDS["destination"], org_id=twins.a).name == "Porto"
+    assert Destination.get_by_id(IDS["destination"], org_id=twins.b).name == "Lisbon"
+
+
+def test_a_model_whose_accessors_do_more_is_built_by_them(twins: TwoOrgs) -> None:
+    class Linked(Destination):
+        class Meta:
+            table_name = "destination"
+
+    Linked._meta.add_field("self_ref", peewee.ForeignKeyField(
+        Linked, column_name="id", field="id", null=True, lazy_load=False))
+    assert not tenancy._stores_columns_as_given(Linked)
+    assert tenancy._stores_columns_as_given(Destination)
