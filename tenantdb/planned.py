@@ -4,10 +4,10 @@ Peewee builds a statement's SQL afresh on every call, walking the query's nodes 
 Python calls for a get-by-id of an 8-column table: most of the call's client time). A
 get-by-id of a model is always the same statement but for two values, so its SQL is built
 and verified (:func:`tenantdb.verifier.verify`) the first time, and later calls only put
-the org and the key into their places. Rows are built as Peewee's ``ModelObjectCursorWrapper``
-builds them (each column through its field's ``python_value``, the model constructed with
-``__no_default__``, nothing left dirty); written here because Peewee resolves the columns
-again for every cursor, which is the cost this module exists to save.
+the org and the key into their places. A row's columns are converted as Peewee's
+``ModelObjectCursorWrapper`` converts them (each through its field's ``python_value``),
+with the converters resolved once here rather than again for every cursor; the row itself
+is built by the constructor scoped selects use (``tenantdb.tenancy``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .peewee_internals import NO_DEFAULT, clear_dirty
 from .verifier import verify
 
 __all__ = ["ByIdStatement", "by_id_statement"]
@@ -52,13 +51,11 @@ class ByIdStatement:
             params[slot] = key_value
         return tuple(params)
 
-    def load(self, row: tuple[Any, ...], org: uuid.UUID) -> Any:
-        """The model instance for ``row``, remembering ``org`` (as a scoped select's rows)."""
-        data = {name: value if convert is None else convert(value)
+    def columns(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        """``row``'s values by field name, each through its field's ``python_value``: what
+        Peewee's cursor wrapper hands a model's constructor."""
+        return {name: value if convert is None else convert(value)
                 for (name, convert), value in zip(self.converters, row, strict=True)}
-        obj = self.model(**{NO_DEFAULT: 1}, __tenantdb_org__=org, **data)
-        clear_dirty(obj)
-        return obj
 
 
 _statements: dict[Any, ByIdStatement] = {}

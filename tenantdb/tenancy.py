@@ -485,7 +485,8 @@ class TenantModel(BaseModel, metaclass=_TenantModelBase):
         if row is None:
             raise cls.DoesNotExist(f"{cls.__name__} instance matching query does not exist:"
                                    f"\nSQL: {statement.sql}\nParams: {list(params)}")
-        found: _M = statement.load(row, org)
+        found: _M = _row_constructor(cls, org)(**{pi.NO_DEFAULT: 1}, **statement.columns(row))
+        pi.clear_dirty(found)  # as Peewee's cursor wrapper does after its constructor
         return found
 
     @classmethod

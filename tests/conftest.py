@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from helpers import StatementLog, admin_execute
 from psycopg2 import sql
+from redis_cluster import RedisServer, dedicated_server
 from tenancy_fixtures import TwoOrgs, make_twins
 
 from tenantdb.orgs import create_org
@@ -68,3 +70,17 @@ def sql_log() -> Iterator[StatementLog]:
     finally:
         logger.removeHandler(log)
         logger.setLevel(level)
+
+
+@pytest.fixture
+def user() -> str:
+    """A fresh user id (as text, the way rate-limit callers pass it)."""
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def dedicated_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test's own, to kill or freeze; checks give up after the test
+    module's ``TIMEOUT_S``."""
+    with dedicated_server(tmp_path / "redis", request.module.TIMEOUT_S) as server:
+        yield server

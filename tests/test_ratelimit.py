@@ -20,7 +20,6 @@ from redis.cluster import RedisCluster
 from redis_cluster import (
     RedisServer,
     command_calls,
-    dedicated_server,
     free_port,
     redis_cluster,
     redis_sentinel,
@@ -48,16 +47,6 @@ SLACK_S = 0.05
 ORG = str(uuid.uuid4())
 
 
-@pytest.fixture
-def user() -> str:
-    return str(uuid.uuid4())
-
-
-@pytest.fixture
-def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own, to kill or freeze; checks give up after TIMEOUT_S."""
-    with dedicated_server(tmp_path / "redis", TIMEOUT_S) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from redis_cluster import RedisServer, command_calls, dedicated_server, free_port, redis_sentinel
+from redis_cluster import RedisServer, command_calls, free_port, redis_sentinel
 
 from tenantdb.errors import ConfigurationError, MissingOrgError
 from tenantdb.pytest_plugin import TestRedis
@@ -47,10 +47,6 @@ def run(work: Callable[[], Awaitable[T]]) -> T:
 async def burst(user: str, bucket: str | BucketSpec, count: int) -> list[RateLimitResult]:
     return [await acheck_rate_limit(user, bucket, org_id=ORG) for _ in range(count)]
 
-
-@pytest.fixture
-def user() -> str:
-    return str(uuid.uuid4())
 
 
 # SEMANTICS: the sync path's, through the async client
@@ -192,12 +188,6 @@ def test_async_missing_redis_url_raises_configuration_error(user: str) -> None:
 
 # FAILURE MODES: the loop keeps running while a check waits
 
-
-@pytest.fixture
-def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server of this test's own, to kill or freeze; checks give up after TIMEOUT_S."""
-    with dedicated_server(tmp_path / "redis", TIMEOUT_S) as server:
-        yield server
 
 
 async def _check_while_ticking(user: str, bucket: str) -> tuple[RateLimitResult, float, int]:

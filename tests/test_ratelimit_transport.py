@@ -15,15 +15,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 from limits.storage import storage_from_string
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis_cluster import RedisServer, dedicated_server
+from redis_cluster import RedisServer
 
 from tenantdb import ratelimit
 from tenantdb.pytest_plugin import TestRedis
@@ -50,15 +48,6 @@ WIDE = BucketSpec("wide", limit=10_000, period_s=86_400)
 TIMEOUT_S = 0.2
 
 
-@pytest.fixture
-def user() -> str:
-    return str(uuid.uuid4())
-
-
-@pytest.fixture
-def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with dedicated_server(tmp_path / "redis", TIMEOUT_S) as server:
-        yield server
 
 
 def _true_remaining(user_id: str, spec: BucketSpec = WIDE) -> int:
