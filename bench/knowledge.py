@@ -23,6 +23,7 @@ take turns query by query in a rotating order, so machine noise hits them alike;
 exact" is the median of the per-query ratios tenantdb / exact scan.
 
     python bench/knowledge.py [--rows 100000,400000] [--queries 40] [--quick] [--keep]
+    python bench/knowledge.py --rows 400000 --reuse URL   # measure a kept database again
 
 ``--quick``: 20,000 rows and 10 queries (a minute or two). Uses TENANTDB_DATABASE_URL's
 server if set (a scratch database per size, dropped afterwards), else an embedded server
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import struct
 import time
 import uuid
@@ -94,6 +96,7 @@ class Cell:
     p50_ms: float
     p95_ms: float
     short: int
+    unordered: int  # results not nearest first
     vs_exact: float  # median of per-query ratios to the exact scan
 
 
@@ -130,9 +133,16 @@ def make_data(rows: int, queries: int, seed: int = 20240601) -> DataSet:
     query_rng = np.random.default_rng(seed + 1)
     return DataSet(
         vectors=sample(rng, rows), org_of_row=org_of_row, org_names=names,
-        org_ids=[uuid.uuid4() for _ in names], row_ids=[uuid.uuid4() for _ in range(rows)],
+        org_ids=_ids(seed, 0, len(names)), row_ids=_ids(seed, 1, rows),
         queries={name: sample(query_rng, queries) for name in [*FRACTIONS, *TINY]},
     )
+
+
+def _ids(seed: int, stream: int, n: int) -> list[uuid.UUID]:
+    """``n`` version-4 UUIDs drawn from the seed: a kept database (``--keep``) is measured
+    again with ``--reuse``, which must find the same org and row ids."""
+    raw = np.random.default_rng((seed, stream)).bytes(16 * n)
+    return [uuid.UUID(bytes=raw[i:i + 16], version=4) for i in range(0, 16 * n, 16)]
 
 
 def load(url: str, data: DataSet) -> None:
@@ -247,8 +257,8 @@ def measure(url: str, data: DataSet) -> list[Cell]:
         org_index = data.org_names.index(name)
         org = data.org_ids[org_index]
         rows = np.flatnonzero(data.org_of_row == org_index)
-        samples: dict[str, tuple[list[float], list[float], list[int]]] = {
-            s: ([], [], []) for s in strategies}
+        samples: dict[str, tuple[list[float], list[float], list[int], list[int]]] = {
+            s: ([], [], [], []) for s in strategies}
         for qi, q in enumerate(data.queries[name]):
             wanted = min(K, len(rows))
             # Ties at the k-th distance count as hits.
@@ -261,22 +271,28 @@ def measure(url: str, data: DataSet) -> list[Cell]:
                 start = time.perf_counter()
                 found = fn(org, q)
                 elapsed = (time.perf_counter() - start) * 1000
-                hits = sum(1 for rid in found if data.org_of_row[position[rid]] == org_index
-                           and 1.0 - float(data.vectors[position[rid]] @ q) <= cutoff)
-                recalls, latencies, shorts = samples[strategy]
+                distances = [1.0 - float(data.vectors[position[rid]] @ q) for rid in found]
+                hits = sum(1 for rid, d in zip(found, distances, strict=True)
+                           if data.org_of_row[position[rid]] == org_index and d <= cutoff)
+                recalls, latencies, shorts, unordered = samples[strategy]
                 recalls.append(hits / wanted)
                 latencies.append(elapsed)
                 shorts.append(int(len(found) < wanted))
+                # float32 sums on the server: equal rows may differ in the 7th digit
+                unordered.append(int(any(a > b + 1e-6 for a, b
+                                         in itertools.pairwise(distances))))
         exact_times = samples["exact scan"][1]
-        for strategy, (recalls, latencies, shorts) in samples.items():
+        for strategy, (recalls, latencies, shorts, unordered) in samples.items():
             ratio = float(np.median([t / e for t, e in zip(latencies, exact_times, strict=True)]))
             cell = Cell(len(data.row_ids), strategy, name, len(rows), float(np.mean(recalls)),
                         float(np.min(recalls)), float(np.percentile(latencies, 50)),
-                        float(np.percentile(latencies, 95)), sum(shorts), ratio)
+                        float(np.percentile(latencies, 95)), sum(shorts), sum(unordered),
+                        ratio)
             cells.append(cell)
             print(f"{cell.strategy:<11} {cell.org:<8} rows {cell.rows:6d}  recall "
                   f"{cell.recall_mean:.3f} (min {cell.recall_min:.2f})  p50 {cell.p50_ms:7.2f} "
                   f"ms  p95 {cell.p95_ms:7.2f} ms  short {cell.short}  "
+                  f"unordered {cell.unordered}  "
                   f"vs exact {cell.vs_exact:.2f}x", flush=True)
     raw.close()
     db.close()
@@ -298,6 +314,7 @@ def print_table(cells: list[Cell], queries: int) -> bool:
             for strategy in strategies:
                 c = by[(strategy, org)]
                 short = f", short {c.short}" if c.short else ""
+                short += f", unordered {c.unordered}" if c.unordered else ""
                 parts.append(f"{c.recall_mean:.3f} ({c.recall_min:.1f}) · {c.p50_ms:.1f} / "
                              f"{c.p95_ms:.1f}{short}")
             ratio = by[("tenantdb", org)].vs_exact
@@ -307,14 +324,17 @@ def print_table(cells: list[Cell], queries: int) -> bool:
 
 
 def check_targets(cells: list[Cell]) -> bool:
-    """Say which of the targets tenantdb met; False if it returned a short result (a broken
-    promise, which fails the run; recall and timings are reported, not enforced)."""
+    """Say which of the targets tenantdb met; False if it returned a short result or one
+    out of order (broken promises, which fail the run; recall and timings are reported,
+    not enforced)."""
     ours = [c for c in cells if c.strategy == "tenantdb"]
     print("\ntargets (tenantdb):")
     recall_ok = all(c.recall_mean >= 0.95 and c.recall_min >= 0.9 for c in ours)
     print(f"- recall@10 >= 0.95, each query >= 0.9: {'met' if recall_ok else 'MISSED'}")
     complete = all(c.short == 0 for c in ours)
     print(f"- no short result: {'met' if complete else 'MISSED'}")
+    ordered = all(c.unordered == 0 for c in ours)
+    print(f"- every result nearest first: {'met' if ordered else 'MISSED'}")
     for table_rows in dict.fromkeys(c.table_rows for c in ours):
         worst = max((c for c in ours if c.table_rows == table_rows), key=lambda c: c.p50_ms)
         print(f"- {table_rows:,} rows: largest p50 {worst.p50_ms:.1f} ms ({worst.org})")
@@ -328,11 +348,30 @@ def check_targets(cells: list[Cell]) -> bool:
         print(f"- p50 growth {low:,} -> {high:,} rows: " + ", ".join(
             f"{org} {by[(low, org)].p50_ms:.1f} -> {by[(high, org)].p50_ms:.1f} ms"
             for org in dict.fromkeys(c.org for c in ours)))
-    return complete
+    return complete and ordered
 
 
 def _literal(q: Any) -> str:
     return "[" + ",".join(f"{x:.9g}" for x in q) + "]"
+
+
+def load_and_measure(sizes: tuple[int, ...], queries: int, *, keep: bool,
+                     begin: float) -> list[Cell]:
+    cells: list[Cell] = []
+    # The table (~700 MB of inline vectors per 100k rows) and its index should mostly stay
+    # in memory, as they would on a sized server.
+    with scratch_server(shared_buffers="2GB", keep=keep) as server:
+        for rows in sizes:
+            start = time.perf_counter()
+            data = make_data(rows, queries)
+            print(f"generated {rows} x {DIM} vectors: {time.perf_counter() - start:.1f} s",
+                  flush=True)
+            with scratch_database(server, keep=keep) as url:
+                migrate.migrate(url)
+                load(url, data)
+                cells += measure(url, data)
+            print(f"{rows:,} rows done after {time.perf_counter() - begin:.0f} s", flush=True)
+    return cells
 
 
 def main() -> None:
@@ -343,28 +382,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_ROWS[0]:,} rows and {QUICK_QUERIES} queries")
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases")
+    parser.add_argument("--reuse", metavar="URL",
+                        help="measure the database a --keep run of the same --rows left "
+                             "(one size; no load, no index build)")
     args = parser.parse_args()
     sizes = QUICK_ROWS if args.quick else tuple(int(r) for r in args.rows.split(","))
     queries = QUICK_QUERIES if args.quick else args.queries
     begin = time.perf_counter()
     cells: list[Cell] = []
-    # The table (~700 MB of inline vectors per 100k rows) and its index should mostly stay
-    # in memory, as they would on a sized server.
-    with scratch_server(shared_buffers="2GB", keep=args.keep) as server:
-        for rows in sizes:
-            start = time.perf_counter()
-            data = make_data(rows, queries)
-            print(f"generated {rows} x {DIM} vectors: {time.perf_counter() - start:.1f} s",
-                  flush=True)
-            with scratch_database(server, keep=args.keep) as url:
-                migrate.migrate(url)
-                load(url, data)
-                cells += measure(url, data)
-            print(f"{rows:,} rows done after {time.perf_counter() - begin:.0f} s", flush=True)
+    if args.reuse:
+        if len(sizes) != 1:
+            raise SystemExit("--reuse measures one database: give the --rows it was loaded with")
+        cells += measure(args.reuse, make_data(sizes[0], queries))
+    else:
+        cells += load_and_measure(sizes, queries, keep=args.keep, begin=begin)
     complete = print_table(cells, queries)
     print(f"\nwhole run: {time.perf_counter() - begin:.0f} s")
     if not complete:
-        raise SystemExit("tenantdb returned fewer than min(k, rows) hits: a bug, see above")
+        raise SystemExit("tenantdb returned fewer than min(k, rows) hits, or hits out of "
+                         "order: a bug, see above")
 
 
 if __name__ == "__main__":
