@@ -55,7 +55,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import peewee_internals as pi
 from .context import OrgLike, require_org
@@ -72,6 +72,7 @@ __all__ = [
     "HNSW_EF_SEARCH",
     "HNSW_EF_SEARCH_MAX",
     "ITERATIVE_EF_SEARCH",
+    "ITERATIVE_EF_SEARCH_PER_SQRT",
     "ITERATIVE_FETCH",
     "ITERATIVE_MAX_SCAN_TUPLES",
     "MAX_K",
@@ -79,6 +80,7 @@ __all__ = [
     "KnowledgeHit",
     "add_knowledge",
     "exact_scan_rows",
+    "iterative_ef_search",
     "search_knowledge",
 ]
 
@@ -108,13 +110,17 @@ EXACT_SCAN_ROWS_PER_SQRT = 12.0
 #: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.
 EXACT_SCAN_MIN_ROWS = 2000
 #: pgvector >= 0.8: hnsw.ef_search of the iterative scan (candidates per step), on the
-#: graph of V01_08 (m 24, ef_construction 128). On 100k rows (40 queries per org of
+#: graph of V01_08 (m 24, ef_construction 128): max(this, ITERATIVE_EF_SEARCH_PER_SQRT *
+#: sqrt(table rows)), at most HNSW_EF_SEARCH_MAX (iterative_ef_search()). A larger graph
+#: needs more candidates to reach the same rows: on 100k rows (40 queries per org of
 #: 5-50 %) 60, 100 and 200 gave every query recall 1.0 and 40 left some at 0 (the graph
 #: search settled in another cluster); on 400k rows 100 left queries at 0 and 0.3 (5 %,
 #: 10 %) and ran slower than 200 (more iterations), while 200 and 400 gave every query
 #: 1.0. (On V01_03's graph, m 16 and ef_construction 64, even 400 and 1,000 left some
 #: queries at 0.8.)
-ITERATIVE_EF_SEARCH = 200
+ITERATIVE_EF_SEARCH = 100
+#: pgvector >= 0.8: see ITERATIVE_EF_SEARCH: 101 at 100k rows, 202 at 400k, 320 at 1M.
+ITERATIVE_EF_SEARCH_PER_SQRT = 0.32
 #: pgvector >= 0.8: candidates taken from the relaxed-order scan (at least k), then
 #: re-ranked exactly. Each one more makes the scan find one more of the org's rows; with
 #: k of them every query of the benchmark got all of its 10 nearest (README).
@@ -368,6 +374,15 @@ def add_knowledge(org_id: OrgLike, title: str, content: str, *,
     return item
 
 
+def iterative_ef_search(table_rows: float) -> int:
+    """pgvector >= 0.8: ``hnsw.ef_search`` of the iterative scan on a table this large.
+
+    :param table_rows: the embedding table's row count (``pg_class.reltuples``).
+    """
+    return min(HNSW_EF_SEARCH_MAX, _threshold(table_rows, ITERATIVE_EF_SEARCH, 0.0,
+                                              ITERATIVE_EF_SEARCH_PER_SQRT))
+
+
 def exact_scan_rows(table_rows: float) -> int:
     """pgvector >= 0.8: the most rows an org may have to be scanned exactly.
 
@@ -382,9 +397,10 @@ def exact_scan_rows(table_rows: float) -> int:
 def _iterative_search(org: uuid.UUID, vector: str, k: int,
                       destination: uuid.UUID | None) -> list[KnowledgeHit]:
     """pgvector >= 0.8: exact scan for small orgs, else an iterative HNSW scan."""
-    if _org_rows(org, destination, iterative=True) is not None:
+    size = _org_size(org, destination, iterative=True)
+    if size.rows is not None:
         return _exact_search(org, vector, k, destination)
-    hits = _iterative_hnsw_search(org, vector, k, destination)
+    hits = _iterative_hnsw_search(org, vector, k, destination, table_rows=size.table)
     if len(hits) < k:  # fewer rows than it had, or the scan hit its bound
         _forget_sizes(org)
         return _exact_search(org, vector, k, destination)
@@ -394,7 +410,7 @@ def _iterative_search(org: uuid.UUID, vector: str, k: int,
 def _legacy_search(org: uuid.UUID, vector: str, k: int,
                    destination: uuid.UUID | None) -> list[KnowledgeHit]:
     """pgvector < 0.8: exact scan up to 5 % of the table, else HNSW with ef_search 400."""
-    if _org_rows(org, destination, iterative=False) is not None:
+    if _org_size(org, destination, iterative=False).rows is not None:
         return _exact_search(org, vector, k, destination)
     hits = _hnsw_search(org, vector, k, destination)
     if len(hits) < k:  # the index's candidates held too few of the org's rows
@@ -431,9 +447,10 @@ def _hnsw_search(org: uuid.UUID, vector: str, k: int,
 
 
 def _iterative_hnsw_search(org: uuid.UUID, vector: str, k: int,
-                           destination: uuid.UUID | None) -> list[KnowledgeHit]:
+                           destination: uuid.UUID | None, *,
+                           table_rows: float = 0.0) -> list[KnowledgeHit]:
     """pgvector >= 0.8: iterative HNSW top-k; short only if the scan hit its bound."""
-    ef = min(HNSW_EF_SEARCH_MAX, max(ITERATIVE_EF_SEARCH, k))
+    ef = min(HNSW_EF_SEARCH_MAX, max(iterative_ef_search(table_rows), k))
     fetch = max(ITERATIVE_FETCH, k)
     settings = (str(ef), str(ITERATIVE_MAX_SCAN_TUPLES))
     workers = _worker_settings({"hnsw.ef_search": settings[0],
@@ -473,15 +490,20 @@ def _reset_settings(statement: str) -> None:
 
 # -- the org's size, cached ----------------------------------------------------------------
 
+class _Size(NamedTuple):
+    rows: int | None  # the rows to rank exactly; None: too many, the index ranks them
+    table: float  # the table's rows when they were counted (-1: never analysed)
+
+
 _SizeKey = tuple[object, uuid.UUID, "uuid.UUID | None", bool]
-_sizes: dict[_SizeKey, tuple[float, int | None]] = {}
+_sizes: dict[_SizeKey, tuple[float, _Size]] = {}
 _versions: dict[object, bool] = {}
 _cache_lock = threading.Lock()
 
 
-def _org_rows(org: uuid.UUID, destination: uuid.UUID | None, *,
-              iterative: bool) -> int | None:
-    """The rows to rank if an exact scan should rank them, else ``None`` (use HNSW).
+def _org_size(org: uuid.UUID, destination: uuid.UUID | None, *, iterative: bool) -> _Size:
+    """The rows to rank if an exact scan should rank them, else ``None`` (use HNSW), and
+    the table's size.
 
     ``iterative`` chooses pgvector >= 0.8's threshold, else pgvector < 0.8's. A table
     never analysed (``reltuples`` -1) gets ``-1``: every org is then scanned exactly.
@@ -504,8 +526,8 @@ def _org_rows(org: uuid.UUID, destination: uuid.UUID | None, *,
                 del _sizes[stale]
             if len(_sizes) >= _MAX_SIZES_CACHED:
                 _sizes.clear()
-        _sizes[key] = (now, rows)
-    return rows
+        _sizes[key] = (now, _Size(rows, table))
+    return _Size(rows, table)
 
 
 def _count_org_rows(org: uuid.UUID, destination: uuid.UUID | None,

@@ -243,7 +243,7 @@ def test_knowledge_sizes_from_shards_and_ef_search_on_workers(
     monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 0)
     monkeypatch.setattr(knowledge, "EXACT_SCAN_ROWS_PER_SQRT", 0.5)
     knowledge._forget_sizes(org)
-    assert knowledge._org_rows(org, None, iterative=True) is None
+    assert knowledge._org_size(org, None, iterative=True).rows is None
     assert len(search_knowledge(org, [1.0] + [0.0] * 1535, k=7)) == 7
     plan = scope_statements(org, {"hnsw.ef_search": "400"}, citus=True, in_transaction=False)
     assert plan.setup is not None and "SET LOCAL hnsw.ef_search" in plan.setup

@@ -394,6 +394,29 @@ def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
     assert knowledge.exact_scan_rows(4_000_000) == 24000
 
 
+def test_ef_search_grows_with_the_square_root_of_the_table() -> None:
+    assert knowledge.iterative_ef_search(-1) == knowledge.ITERATIVE_EF_SEARCH
+    assert knowledge.iterative_ef_search(100_000) == max(knowledge.ITERATIVE_EF_SEARCH, 101)
+    assert knowledge.iterative_ef_search(400_000) == 202  # 200 was measured enough there
+    assert knowledge.iterative_ef_search(10**9) == knowledge.HNSW_EF_SEARCH_MAX
+
+
+def test_iterative_search_sends_the_ef_search_of_the_tables_size(
+        corpus: Corpus, tenant_db: TenantDatabase, monkeypatch: pytest.MonkeyPatch,
+        sql_log: StatementLog) -> None:
+    force(monkeypatch, "iterative")
+    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH", 10)
+    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH_PER_SQRT", 2.5)
+    table = execute_scoped(corpus.orgs["large"], "SELECT reltuples FROM pg_class "
+                           "WHERE oid = 'embedding'::regclass").fetchone()[0]
+    expected = math.floor(math.sqrt(table) * 2.5)
+    assert expected > 100  # neither the floor nor k
+    assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
+    ran = [s for s in sql_log.statements if "set_config('hnsw.iterative_scan'" in s]
+    assert len(ran) == 1
+    assert f"'{expected}', '{knowledge.ITERATIVE_MAX_SCAN_TUPLES}', " in ran[0]
+
+
 def test_small_org_pays_one_round_trip_once_its_size_is_known(
         corpus: Corpus, tenant_db: TenantDatabase, sql_log: StatementLog) -> None:
     org = corpus.orgs["small"]
@@ -411,12 +434,12 @@ def test_a_stale_size_costs_time_never_results(org_id: uuid.UUID,
     force(monkeypatch, "iterative")
     add_chunks(org_id, 3)
     key = (knowledge._server_key(), org_id, None, True)
-    knowledge._sizes[key] = (knowledge.time.monotonic(), None)
+    knowledge._sizes[key] = (knowledge.time.monotonic(), knowledge._Size(None, 100.0))
     assert len(search_knowledge(org_id, unit(1), 10)) == 3
     # ... and "small" (exact) while it grew: exact is exact.
-    knowledge._sizes[key] = (knowledge.time.monotonic(), 1)
+    knowledge._sizes[key] = (knowledge.time.monotonic(), knowledge._Size(1, 100.0))
     add_chunks(org_id, 12, seed=50)  # add_knowledge forgets the size; set it stale again
-    knowledge._sizes[key] = (knowledge.time.monotonic(), 1)
+    knowledge._sizes[key] = (knowledge.time.monotonic(), knowledge._Size(1, 100.0))
     assert len(search_knowledge(org_id, unit(1), 10)) == 10
 
 
