@@ -101,10 +101,11 @@ MAX_K = HNSW_EF_SEARCH_MAX
 # rows; a filtered iterative scan in proportion to the rows it must visit to meet k of the
 # org's, about ef / share = ef * table / rows: they cross near sqrt(table), hence the rule.
 #: pgvector >= 0.8: exact scan up to max(EXACT_SCAN_MIN_ROWS, this * sqrt(table rows)).
-#: On V01_08's graph at ef_search 200 both cost about the same near 4,500 rows at 100k
-#: rows (14 x sqrt) and between 4,000 and 8,000 at 400k (a 4,000-row org: 18 ms exact,
-#: 33 ms through the index); 12 puts the switch at 3,794 and 7,589 rows.
-EXACT_SCAN_ROWS_PER_SQRT = 12.0
+#: On V01_08's graph both cost about the same near 4,500 rows at 100k rows (14 x sqrt;
+#: a 5,000-row org took 0.5-0.66x its exact scan through the index) and above 8,000 at
+#: 400k (an 8,000-row org took 1.5x its exact scan through the index, a 20,000-row one
+#: 0.31x); 15 puts the switch at 4,743 and 9,486 rows (README "Knowledge search").
+EXACT_SCAN_ROWS_PER_SQRT = 15.0
 #: pgvector >= 0.8: orgs this small are always scanned exactly (about 4 ms). Below it the
 #: filtered scan also loses recall where an org has few rows per neighbourhood: on 20k
 #: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.

@@ -389,9 +389,9 @@ def test_threshold_is_injectable(corpus: Corpus, tenant_db: TenantDatabase,
 
 def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
     assert knowledge.exact_scan_rows(-1) == knowledge.EXACT_SCAN_MIN_ROWS
-    assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 3794)
-    assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 7589)
-    assert knowledge.exact_scan_rows(4_000_000) == 24000
+    assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 4743)
+    assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 9486)
+    assert knowledge.exact_scan_rows(4_000_000) == 30000
 
 
 def test_ef_search_grows_with_the_square_root_of_the_table() -> None:
