@@ -17,8 +17,8 @@ the table's size (``pg_class.reltuples``) and the server's pgvector:
   ``(org_id, id)`` primary key, ranked by a top-k sort (``+ 0`` on the distance keeps the
   planner off the HNSW index). Exact, and cheap because the rows are few;
 - more, on pgvector >= 0.8: the HNSW index with ``hnsw.iterative_scan`` (relaxed order,
-  :data:`ITERATIVE_FETCH` candidates re-ranked exactly), ``hnsw.ef_search`` at
-  :data:`ITERATIVE_EF_SEARCH` and the scan bounded by ``hnsw.max_scan_tuples``
+  :data:`ITERATIVE_FETCH` candidates re-ranked exactly), ``hnsw.ef_search`` growing with
+  the table (:func:`iterative_ef_search`) and the scan bounded by ``hnsw.max_scan_tuples``
   (:data:`ITERATIVE_MAX_SCAN_TUPLES`): the scan goes on until enough of the org's rows
   passed the filter, whatever the org's share of the table;
 - more, on pgvector < 0.8: the HNSW index with ``hnsw.ef_search`` raised to
