@@ -406,12 +406,14 @@ def test_iterative_search_sends_the_ef_search_of_the_tables_size(
         corpus: Corpus, tenant_db: TenantDatabase, monkeypatch: pytest.MonkeyPatch,
         sql_log: StatementLog) -> None:
     force(monkeypatch, "iterative")
-    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH", 10)
-    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH_PER_SQRT", 2.5)
-    # The size the search goes by: reltuples, or on Citus the shards' sum.
+    # The size the search goes by: reltuples, or on Citus the shards' sum (as last cached).
     table = knowledge._org_size(corpus.orgs["large"], None, iterative=True).table
-    expected = math.floor(math.sqrt(table) * 2.5)
-    assert expected > 100  # neither the floor nor k
+    assert table > 0
+    per_sqrt = 150.5 / math.sqrt(table)
+    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH", 10)
+    monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH_PER_SQRT", per_sqrt)
+    expected = math.floor(math.sqrt(table) * per_sqrt)
+    assert expected == 150  # neither the floor nor k
     assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
     ran = [s for s in sql_log.statements if "set_config('hnsw.iterative_scan'" in s]
     assert len(ran) == 1
