@@ -55,7 +55,9 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
 
 from . import peewee_internals as pi
 from .context import OrgLike, require_org
@@ -76,11 +78,17 @@ __all__ = [
     "ITERATIVE_FETCH",
     "ITERATIVE_MAX_SCAN_TUPLES",
     "MAX_K",
+    "QUANTIZED_CANDIDATES_PER_K",
+    "QUANTIZED_MIN_CANDIDATES",
+    "QUANTIZED_MIN_MARGIN",
+    "QUANTIZED_ROWS_PER_SQRT",
     "SIZE_CACHE_SECONDS",
     "KnowledgeHit",
     "add_knowledge",
     "exact_scan_rows",
     "iterative_ef_search",
+    "quantized_candidates",
+    "quantized_scan_rows",
     "search_knowledge",
 ]
 
@@ -106,7 +114,8 @@ MAX_K = HNSW_EF_SEARCH_MAX
 #: 400k (an 8,000-row org took 1.5x its exact scan through the index, a 20,000-row one
 #: 0.31x); 15 puts the switch at 4,743 and 9,486 rows (README "Knowledge search").
 EXACT_SCAN_ROWS_PER_SQRT = 15.0
-#: pgvector >= 0.8: orgs this small are always scanned exactly (about 4 ms). Below it the
+#: pgvector >= 0.8: orgs this small never go through the HNSW index: they are scanned
+#: exactly (about 4 ms), or with V01_09 through their quantized bits. Below it the
 #: filtered scan also loses recall where an org has few rows per neighbourhood: on 20k
 #: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.
 EXACT_SCAN_MIN_ROWS = 2000
@@ -129,6 +138,33 @@ ITERATIVE_FETCH = 10
 #: pgvector >= 0.8: hnsw.max_scan_tuples; a scan stopped by it comes back short and the
 #: exact scan answers (the org is then small for the table anyway).
 ITERATIVE_MAX_SCAN_TUPLES = 40_000
+# pgvector >= 0.8 with migration V01_09's binary-quantized vectors (vector_bits), measured
+# on the same data set: an org's rows ranked by the Hamming distance of their bits, read
+# from a covering index (about 0.3 us a row), and the nearest candidates re-ranked by
+# their exact distance (about 7 us each, one 8 KB heap page apiece).
+#: pgvector >= 0.8 with V01_09: orgs of up to max(EXACT_SCAN_MIN_ROWS, this *
+#: sqrt(table rows)) are ranked through their quantized bits, larger ones through the HNSW
+#: index (quantized_scan_rows()): 7,905 rows at 100k, 15,811 at 400k. The quantized
+#: search costs about 3.5 ms plus 0.6 us per row of the org, the iterative HNSW scan about
+#: the same whatever the org but more as the table grows. On 100k rows (40 queries an
+#: org, tenantdb's whole call) the quantized search took 6.5-7.0 ms from 2,000 to 6,000
+#: rows and 10.7 at 10,000, the HNSW scan 8.2-10.5 from 10,000 up; at 400k the HNSW scan
+#: took 11.5-13.4 ms (README "Knowledge search").
+QUANTIZED_ROWS_PER_SQRT = 25.0
+#: pgvector >= 0.8 with V01_09: candidates re-ranked exactly, at least this many ...
+QUANTIZED_MIN_CANDIDATES = 200
+#: ... and this many per hit asked for (quantized_candidates()). On 100k rows, 100
+#: candidates for k = 10 gave every query of every org size its ten nearest rows, and 50
+#: left queries at 0.7 (500-row org) and 0.8 (1,000 and 2,000): twice what sufficed.
+QUANTIZED_CANDIDATES_PER_K = 20
+#: pgvector >= 0.8 with V01_09: how far, in standard deviations of a Hamming distance,
+#: the candidates' cutoff must lie beyond the worst hit's distance for the quantized
+#: result to stand; nearer, and the exact scan answers (_confident()). Bits rank
+#: structured vectors (real embeddings, the benchmark's clusters) well, random ones
+#: badly: 200 candidates of 2,000 random gaussian vectors held 0.74 of their ten nearest
+#: (one query 0.4). Such queries had margins of 0 to 1.1 standard deviations; those of the
+#: benchmark from 5 % up 8 to 12, and at 0.5-2 % a median of 2-4.5 (numpy, README).
+QUANTIZED_MIN_MARGIN = 1.5
 #: How long an org's counted size chooses its plan without being counted again.
 SIZE_CACHE_SECONDS = 30.0
 _MAX_VERSIONS_CACHED = 64
@@ -164,7 +200,10 @@ CAPPED_COUNT_DESTINATION_SQL = (
     "ON i.org_id = e.org_id AND i.id = e.knowledge_item_id "
     "WHERE e.org_id = %s AND i.org_id = %s AND i.destination_id = %s LIMIT %s) capped"
 )
-PGVECTOR_VERSION_SQL = "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+# The server's pgvector version, and whether migration V01_09 added the quantized bits
+# (it adds the column and its index together, and its undo drops both).
+FEATURES_SQL = ("SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'), "
+                "to_regclass('embedding_org_item_bits_idx') IS NOT NULL")
 # The model of the org's stored vectors (add_knowledge keeps one model per org).
 ORG_MODEL_SQL = "SELECT model FROM embedding WHERE org_id = %s LIMIT 1"
 # Column order of every search statement; _hit() reads rows in this order. The vector is
@@ -249,6 +288,34 @@ ITERATIVE_DESTINATION_SQL = (
     "knowledge_item d WHERE d.org_id = %s AND d.destination_id = %s)) "
     f"ORDER BY distance LIMIT %s) {_RERANK}"
 )
+# pgvector >= 0.8 with V01_09: the org's rows ranked by the Hamming distance of their
+# binary-quantized vectors, read from the covering index embedding_org_item_bits_idx (an
+# index-only scan and a top-N sort, no heap page); the nearest `candidates` of them are
+# fetched through the primary key (an InitPlan array: one probe an id, never the org's
+# other rows) and re-ranked by their exact distance ("+ 0" keeps the HNSW index out). The
+# query's bits come as a literal (_query_literals), so its 1536 floats are parsed once.
+# Each hit also carries its own Hamming distance, the candidates' largest (the cutoff) and
+# how many candidates there were, for _confident(): taken from the CTE, as a window over
+# the fetched rows would copy their 6 KB vectors (it doubled the statement's time).
+# Parameters: bits, org, candidates, bits, vector, org, k.
+_BITS = f"%s::bit({EMBEDDING_DIMENSIONS})"
+_BY_BITS = (
+    "ORDER BY hamming LIMIT %s) "
+    f"SELECT {_HIT_COLUMNS}, h.vector_bits <~> {_BITS}, "
+    "(SELECT max(hamming) FROM candidates), (SELECT count(*) FROM candidates) FROM ("
+    f"SELECT {_EMBEDDING_COLUMNS}, e.vector_bits, (e.vector <=> %s::vector) + 0 AS distance "
+    "FROM embedding e WHERE e.org_id = %s AND e.id = ANY (ARRAY(SELECT id FROM candidates)) "
+    f"ORDER BY distance LIMIT %s) h {_ITEM_JOIN} ORDER BY h.distance"
+)
+_CANDIDATES = ("WITH candidates AS MATERIALIZED (SELECT b.id, "
+               f"b.vector_bits <~> {_BITS} AS hamming FROM embedding b ")
+QUANTIZED_SQL = f"{_CANDIDATES}WHERE b.org_id = %s {_BY_BITS}"
+# Within one destination: the bits of the destination's items only, found through the
+# index's second column. Parameters: bits, org, org, dest, candidates, bits, vector, org, k.
+QUANTIZED_DESTINATION_SQL = (
+    f"{_CANDIDATES}WHERE b.org_id = %s AND b.knowledge_item_id = ANY (ARRAY(SELECT d.id "
+    f"FROM knowledge_item d WHERE d.org_id = %s AND d.destination_id = %s)) {_BY_BITS}"
+)
 # Inside a caller's transaction: back to the session's values for the rest of it.
 RESET_SETTINGS_SQL = ("SET LOCAL hnsw.ef_search TO DEFAULT; "
                       "SET LOCAL hnsw.iterative_scan TO DEFAULT; "
@@ -311,13 +378,13 @@ def search_knowledge(org_id: OrgLike, query: str | Sequence[float], k: int = 10,
         found = _embed_query(org, query, embedder)
         if found is None:  # the org has no vectors: nothing to rank
             return []
-        vector = found
+        vector, bits = found
     else:
         if embedder is not None:
             raise ValueError("embedder= is for a text query; a vector query is searched as is")
-        vector = _vector_literal(query, "query")
+        vector, bits = _query_literals(query, "query")
     if _has_iterative_scan():
-        return _iterative_search(org, vector, k, destination)
+        return _iterative_search(org, vector, k, destination, bits=bits)
     return _legacy_search(org, vector, k, destination)
 
 
@@ -384,6 +451,23 @@ def iterative_ef_search(table_rows: float) -> int:
                                               ITERATIVE_EF_SEARCH_PER_SQRT))
 
 
+def quantized_candidates(k: int) -> int:
+    """pgvector >= 0.8 with V01_09: how many rows, nearest by their quantized bits, are
+    re-ranked exactly for ``k`` hits. An org (or destination) with no more rows than this
+    is scanned exactly instead.
+    """
+    return max(QUANTIZED_MIN_CANDIDATES, QUANTIZED_CANDIDATES_PER_K * k)
+
+
+def quantized_scan_rows(table_rows: float) -> int:
+    """pgvector >= 0.8 with V01_09: the most rows an org may have to be ranked through its
+    quantized bits; larger ones go through the HNSW index.
+
+    :param table_rows: the embedding table's row count (``pg_class.reltuples``).
+    """
+    return _threshold(table_rows, EXACT_SCAN_MIN_ROWS, 0.0, QUANTIZED_ROWS_PER_SQRT)
+
+
 def exact_scan_rows(table_rows: float) -> int:
     """pgvector >= 0.8: the most rows an org may have to be scanned exactly.
 
@@ -395,12 +479,20 @@ def exact_scan_rows(table_rows: float) -> int:
 # -- strategies ----------------------------------------------------------------------------
 
 
-def _iterative_search(org: uuid.UUID, vector: str, k: int,
-                      destination: uuid.UUID | None) -> list[KnowledgeHit]:
-    """pgvector >= 0.8: exact scan for small orgs, else an iterative HNSW scan."""
-    size = _org_size(org, destination, iterative=True)
-    if size.rows is not None:
-        return _exact_search(org, vector, k, destination)
+def _iterative_search(org: uuid.UUID, vector: str, k: int, destination: uuid.UUID | None,
+                      *, bits: str) -> list[KnowledgeHit]:
+    """pgvector >= 0.8: exact scan for small orgs; then, with V01_09's bits, the quantized
+    search up to quantized_scan_rows(); else an iterative HNSW scan."""
+    if _has_quantized_vectors():
+        size = _org_size(org, destination, rule="quantized")
+        if size.rows is not None and size.rows <= quantized_candidates(k):
+            return _exact_search(org, vector, k, destination)
+        if size.rows is not None:
+            return _quantized_search(org, vector, bits, k, destination)
+    else:
+        size = _org_size(org, destination, rule="iterative")
+        if size.rows is not None:
+            return _exact_search(org, vector, k, destination)
     hits = _iterative_hnsw_search(org, vector, k, destination, table_rows=size.table)
     if len(hits) < k:  # fewer rows than it had, or the scan hit its bound
         _forget_sizes(org)
@@ -411,7 +503,7 @@ def _iterative_search(org: uuid.UUID, vector: str, k: int,
 def _legacy_search(org: uuid.UUID, vector: str, k: int,
                    destination: uuid.UUID | None) -> list[KnowledgeHit]:
     """pgvector < 0.8: exact scan up to 5 % of the table, else HNSW with ef_search 400."""
-    if _org_size(org, destination, iterative=False).rows is not None:
+    if _org_size(org, destination, rule="legacy").rows is not None:
         return _exact_search(org, vector, k, destination)
     hits = _hnsw_search(org, vector, k, destination)
     if len(hits) < k:  # the index's candidates held too few of the org's rows
@@ -428,6 +520,43 @@ def _exact_search(org: uuid.UUID, vector: str, k: int,
     else:
         cursor = execute_scoped(org, EXACT_DESTINATION_SQL, (vector, org, org, destination, k))
     return [_hit(row) for row in cursor.fetchall()]
+
+
+def _quantized_search(org: uuid.UUID, vector: str, bits: str, k: int,
+                      destination: uuid.UUID | None) -> list[KnowledgeHit]:
+    """Top-k of the org's (or destination's) rows nearest by their quantized bits, re-ranked
+    exactly: ``min(k, rows)`` hits, since at least ``k`` candidates are re-ranked; the
+    exact scan's instead where the bits ranked the rows too closely to be trusted."""
+    candidates = quantized_candidates(k)
+    if destination is None:
+        cursor = execute_scoped(org, QUANTIZED_SQL,
+                                (bits, org, candidates, bits, vector, org, k))
+    else:
+        cursor = execute_scoped(org, QUANTIZED_DESTINATION_SQL,
+                                (bits, org, org, destination, candidates, bits, vector, org, k))
+    rows = cursor.fetchall()
+    if not _confident(rows, candidates):
+        return _exact_search(org, vector, k, destination)
+    return [_hit(row) for row in rows]
+
+
+def _confident(rows: Sequence[Sequence[Any]], candidates: int) -> bool:
+    """Whether no row left out of the candidates is likely to belong among the hits.
+
+    Every row left out has a Hamming distance of at least the cutoff (the candidates'
+    largest). A row as near as the worst hit has bits about as far as the worst hit's,
+    give or take sqrt(n p (1 - p)) for n bits with p of them differing (each bit a coin
+    of its own, as for random hyperplanes): with the cutoff QUANTIZED_MIN_MARGIN of those
+    beyond, such a row is unlikely to have been left out. Fewer candidates than asked
+    for means every row was one: the result is exact.
+    """
+    if not rows or rows[0][-1] < candidates:
+        return True
+    worst = max(int(row[-3]) for row in rows)
+    cutoff = int(rows[0][-2])
+    share = min(max(worst, 1), EMBEDDING_DIMENSIONS - 1) / EMBEDDING_DIMENSIONS
+    spread = math.sqrt(EMBEDDING_DIMENSIONS * share * (1.0 - share))
+    return cutoff - worst >= QUANTIZED_MIN_MARGIN * spread
 
 
 def _hnsw_search(org: uuid.UUID, vector: str, k: int,
@@ -492,34 +621,48 @@ def _reset_settings(statement: str) -> None:
 # -- the org's size, cached ----------------------------------------------------------------
 
 class _Size(NamedTuple):
-    rows: int | None  # the rows to rank exactly; None: too many, the index ranks them
+    rows: int | None  # the rows to rank, up to the rule's bound; None: more, HNSW ranks them
     table: float  # the table's rows when they were counted (-1: never analysed)
 
 
-_SizeKey = tuple[object, uuid.UUID, "uuid.UUID | None", bool]
+_Rule = Literal["legacy", "iterative", "quantized"]
+_SizeKey = tuple[object, uuid.UUID, "uuid.UUID | None", _Rule]
 _sizes: dict[_SizeKey, tuple[float, _Size]] = {}
-_versions: dict[object, bool] = {}
+
+
+class _Features(NamedTuple):
+    iterative: bool  # pgvector >= 0.8: hnsw.iterative_scan
+    quantized: bool  # migration V01_09's embedding.vector_bits
+
+
+_features: dict[object, _Features] = {}
 _cache_lock = threading.Lock()
 
 
-def _org_size(org: uuid.UUID, destination: uuid.UUID | None, *, iterative: bool) -> _Size:
-    """The rows to rank if an exact scan should rank them, else ``None`` (use HNSW), and
-    the table's size.
+def _org_size(org: uuid.UUID, destination: uuid.UUID | None, *, rule: _Rule) -> _Size:
+    """The rows to rank if they are few enough for ``rule``'s exact or quantized search,
+    else ``None`` (use HNSW), and the table's size.
 
-    ``iterative`` chooses pgvector >= 0.8's threshold, else pgvector < 0.8's. A table
-    never analysed (``reltuples`` -1) gets ``-1``: every org is then scanned exactly.
+    ``rule``: "quantized" bounds the count at :func:`quantized_scan_rows`; "iterative" at
+    :func:`exact_scan_rows` (pgvector >= 0.8 without V01_09); "legacy" at
+    :data:`EXACT_SCAN_FRACTION` of the table (pgvector < 0.8). Under the last two, a table
+    never analysed (``reltuples`` -1) gets ``-1``: every org is then scanned exactly; the
+    first keeps the count (orgs of up to EXACT_SCAN_MIN_ROWS are then ranked without HNSW).
     """
-    key: _SizeKey = (_server_key(), org, destination, iterative)
+    key: _SizeKey = (_server_key(), org, destination, rule)
     now = time.monotonic()
     with _cache_lock:
         cached = _sizes.get(key)
     if cached is not None and now - cached[0] < SIZE_CACHE_SECONDS:
         return cached[1]
-    rule = ((EXACT_SCAN_MIN_ROWS, 0.0, EXACT_SCAN_ROWS_PER_SQRT) if iterative
-            else (0, EXACT_SCAN_FRACTION, 0.0))
-    counted, table = _count_org_rows(org, destination, rule)
-    rows: int | None = -1 if table < 0 else counted
-    if table >= 0 and counted > _threshold(table, *rule):
+    bounds = {"quantized": (EXACT_SCAN_MIN_ROWS, 0.0, QUANTIZED_ROWS_PER_SQRT),
+              "iterative": (EXACT_SCAN_MIN_ROWS, 0.0, EXACT_SCAN_ROWS_PER_SQRT),
+              "legacy": (0, EXACT_SCAN_FRACTION, 0.0)}[rule]
+    counted, table = _count_org_rows(org, destination, bounds)
+    rows: int | None = counted
+    if table < 0 and rule != "quantized":  # the bound needs the table's size
+        rows = -1
+    elif counted > _threshold(table, *bounds):
         rows = None
     with _cache_lock:
         if len(_sizes) >= _MAX_SIZES_CACHED:  # keep the live entries only
@@ -571,18 +714,29 @@ def _server_key() -> object:
 
 def _has_iterative_scan() -> bool:
     """Whether the database's pgvector has ``hnsw.iterative_scan`` (0.8 and later)."""
+    return _server_features().iterative
+
+
+def _has_quantized_vectors() -> bool:
+    """Whether the embedding table has V01_09's ``vector_bits`` (pgvector 0.7 and later)."""
+    return _server_features().quantized
+
+
+def _server_features() -> _Features:
+    """What the database offers the search, read once per database and process."""
     key = _server_key()
     with _cache_lock:
-        known = _versions.get(key)
+        known = _features.get(key)
     if known is not None:
         return known
-    row = database.execute_sql(PGVECTOR_VERSION_SQL).fetchone()
-    iterative = row is not None and _version_tuple(str(row[0])) >= (0, 8)
+    version, quantized = database.execute_sql(FEATURES_SQL).fetchone()
+    found = _Features(version is not None and _version_tuple(str(version)) >= (0, 8),
+                      bool(quantized))
     with _cache_lock:
-        if len(_versions) >= _MAX_VERSIONS_CACHED:
-            _versions.clear()
-        _versions[key] = iterative
-    return iterative
+        if len(_features) >= _MAX_VERSIONS_CACHED:
+            _features.clear()
+        _features[key] = found
+    return found
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -601,8 +755,10 @@ def _org_model(org: uuid.UUID) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _embed_query(org: uuid.UUID, text: str, embedder: Embedder | None) -> str | None:
-    """The text's vector literal, embedded with the org's model; ``None``: no vectors."""
+def _embed_query(org: uuid.UUID, text: str, embedder: Embedder | None
+                 ) -> tuple[str, str] | None:
+    """The text's vector and bits literals (:func:`_query_literals`), embedded with the
+    org's model; ``None``: the org has no vectors."""
     model = _org_model(org)
     if model is None:
         return None
@@ -619,7 +775,7 @@ def _embed_query(org: uuid.UUID, text: str, embedder: Embedder | None) -> str | 
     if len(vectors) != 1:
         raise ValueError(f"embedder {embedder.name!r} returned {len(vectors)} vectors for "
                          "1 text")
-    return _vector_literal(vectors[0], "the query's vector")
+    return _query_literals(vectors[0], "the query's vector")
 
 
 def _check_embedder(embedder: Embedder) -> None:
@@ -653,8 +809,19 @@ def _stored(model: type[Any], names: Sequence[str], values: Sequence[Any]) -> An
 
 def _vector_literal(values: object, name: str) -> str:
     """``values`` in pgvector's text form, checked by :func:`~tenantdb.validation.check_vector`."""
+    return _query_literals(values, name)[0]
+
+
+def _query_literals(values: object, name: str) -> tuple[str, str]:
+    """``values`` checked by :func:`~tenantdb.validation.check_vector`, in pgvector's text
+    form and as the bit string pgvector's ``binary_quantize`` makes of it (1 where a float
+    is above zero), in hex: what the quantized search compares with ``vector_bits``."""
+    checked = check_vector(values, name, dimensions=EMBEDDING_DIMENSIONS)
     # 9 significant digits give back every float32 exactly; one %-format runs in C.
-    return _LITERAL_TEMPLATE % tuple(check_vector(values, name, dimensions=EMBEDDING_DIMENSIONS))
+    literal = _LITERAL_TEMPLATE % tuple(checked)
+    # The float32 values the server stores (a float64 below float32's range is 0 there).
+    bits = np.packbits(np.frombuffer(checked, dtype=np.float32) > 0)
+    return literal, "x" + bits.tobytes().hex()
 
 
 _LITERAL_TEMPLATE = "[" + ",".join(["%.9g"] * EMBEDDING_DIMENSIONS) + "]"

@@ -238,12 +238,25 @@ def test_knowledge_sizes_from_shards_and_ef_search_on_workers(
     # The size that picks the strategy is the shards' (30), not the coordinator's (<= 0):
     # counted up to one past floor(sqrt(30) * 0.5) = 2.
     assert knowledge._count_org_rows(org, None, (0, 0.0, 0.5)) == (3, 30.0)
+    # The quantized search (V01_09's column, on the shards) runs as one router statement.
+    # These vectors' bits are all alike: the margin check hands over to the exact scan.
+    monkeypatch.setattr(knowledge, "QUANTIZED_MIN_CANDIDATES", 5)
+    monkeypatch.setattr(knowledge, "QUANTIZED_CANDIDATES_PER_K", 0)
+    assert knowledge._has_quantized_vectors()
+    query = [1.0, 3.0] + [0.0] * 1534
+    vector, bits = knowledge._query_literals(query, "q")
+    quantized = knowledge._quantized_search(org, vector, bits, 5, None)
+    exact = knowledge._exact_search(org, vector, 5, None)
+    assert [h.embedding.id for h in quantized] == [h.embedding.id for h in exact]
+    assert [h.embedding.content for h in search_knowledge(org, query, k=5)] == [
+        h.embedding.content for h in exact]
     # An org too large for an exact scan goes through the index on the workers, with its
     # settings propagated, and still gets exactly k hits.
+    monkeypatch.setattr(knowledge, "_has_quantized_vectors", lambda: False)
     monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 0)
     monkeypatch.setattr(knowledge, "EXACT_SCAN_ROWS_PER_SQRT", 0.5)
     knowledge._forget_sizes(org)
-    assert knowledge._org_size(org, None, iterative=True).rows is None
+    assert knowledge._org_size(org, None, rule="iterative").rows is None
     assert len(search_knowledge(org, [1.0] + [0.0] * 1535, k=7)) == 7
     plan = scope_statements(org, {"hnsw.ef_search": "400"}, citus=True, in_transaction=False)
     assert plan.setup is not None and "SET LOCAL hnsw.ef_search" in plan.setup

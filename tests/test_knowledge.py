@@ -2,9 +2,10 @@
 
 A module-scoped synthetic set (3,000 clustered 1536-dim vectors over four orgs of 50 %, 6 %,
 2 % and the rest) is copied in once as the owner and analysed, so the strategy choice is
-deterministic. Every org here is below pgvector 0.8's exact-scan floor (2,000 rows), so the
-tests that need the HNSW path lower it, and the strategies are forced one by one
-(``force``), including pgvector < 0.8's rule on the same server. The ground truth is numpy
+deterministic. Left to itself the search ranks the 50 % org through its quantized bits
+(V01_09) and the others exactly, so the tests that need the HNSW path lower the bounds,
+and the strategies are forced one by one (``force``), including pgvector 0.8's rule
+without V01_09 and pgvector < 0.8's rule on the same server. The ground truth is numpy
 brute force.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import uuid
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ import pytest
 from helpers import StatementLog
 from tenancy_fixtures import TwoOrgs
 
-from tenantdb import knowledge, migrate
+from tenantdb import citus, knowledge, migrate
 from tenantdb.db import APP_ROLE, SCOPE_PREFIX_SQL, TenantDatabase, database
 from tenantdb.embedder import HashingEmbedder, get_embedder, register_embedder
 from tenantdb.errors import MissingOrgError
@@ -37,13 +39,16 @@ from tenantdb.tenancy import execute_scoped
 DIM = EMBEDDING_DIMENSIONS
 SIZES = {"large": 1500, "mid": 180, "small": 60, "rest": 1260}  # 50 %, 6 %, 2 %
 QUERIES = 12
-STRATEGIES = ["auto", "exact", "iterative", "legacy"]
+STRATEGIES = ["auto", "exact", "quantized", "iterative", "legacy"]
 
 
 @pytest.fixture(autouse=True)
 def _fresh_size_cache() -> Iterator[None]:
-    """Each test counts its orgs afresh (thresholds are monkeypatched per test)."""
+    """Each test counts its orgs afresh (thresholds are monkeypatched per test), and on
+    Citus sums the shards' sizes afresh: a sum cached by an earlier test may predate the
+    corpus's ANALYZE."""
     knowledge._sizes.clear()
+    citus.forget_engines()
     yield
     knowledge._sizes.clear()
 
@@ -51,9 +56,15 @@ def _fresh_size_cache() -> Iterator[None]:
 def force(monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
     """Make search_knowledge take ``strategy`` whatever the org's size."""
     if strategy == "exact":
+        monkeypatch.setattr(knowledge, "QUANTIZED_MIN_CANDIDATES", 10**9)
         monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 10**9)
         monkeypatch.setattr(knowledge, "EXACT_SCAN_FRACTION", 1.0)
-    elif strategy == "iterative":
+    elif strategy == "quantized":  # every org with more than k rows
+        monkeypatch.setattr(knowledge, "QUANTIZED_MIN_CANDIDATES", 0)
+        monkeypatch.setattr(knowledge, "QUANTIZED_CANDIDATES_PER_K", 1)
+        monkeypatch.setattr(knowledge, "QUANTIZED_ROWS_PER_SQRT", 10.0**9)
+    elif strategy == "iterative":  # pgvector 0.8's rule without V01_09, bounds lowered
+        monkeypatch.setattr(knowledge, "_has_quantized_vectors", lambda: False)
         monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 0)
         monkeypatch.setattr(knowledge, "EXACT_SCAN_ROWS_PER_SQRT", 0.0)
     elif strategy == "legacy":
@@ -103,6 +114,8 @@ def corpus(tenantdb_database: TestDatabase) -> Iterator[Corpus]:
         with conn.cursor() as cur:
             _copy(cur, data)
             cur.execute("ANALYZE embedding")
+            # The visibility map too: the quantized search reads its index only.
+            cur.execute("VACUUM embedding")
         yield data
     finally:
         with conn.cursor() as cur:
@@ -202,7 +215,8 @@ def test_search_of_an_org_without_embeddings_is_empty(org_id: uuid.UUID) -> None
 def test_large_org_gets_exactly_k_hits_through_hnsw(corpus: Corpus, tenant_db: TenantDatabase,
                                                      sql_log: StatementLog,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 1000)  # 1,500 rows: HNSW
+    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 179)  # 180, 1,500 rows: HNSW
+    monkeypatch.setattr(knowledge, "QUANTIZED_ROWS_PER_SQRT", 0.0)
     for name in ("large", "mid"):
         for q in corpus.queries[:4]:
             assert len(search_knowledge(corpus.orgs[name], q, 10)) == 10
@@ -216,12 +230,17 @@ def test_twin_orgs_with_identical_vectors_see_only_their_own(
     add_chunks(two_orgs.a, 12)
     add_chunks(two_orgs.b, 12)
     a_items = {i.id for i in KnowledgeItem.select(org_id=two_orgs.a)}
-    vector = knowledge._vector_literal(unit(3), "q")
+    vector, bits = knowledge._query_literals(unit(3), "q")
     for hits in (search_knowledge(two_orgs.a, unit(3), 20),
-                 knowledge._exact_search(two_orgs.a, vector, 20, None)):
+                 knowledge._exact_search(two_orgs.a, vector, 20, None),
+                 knowledge._quantized_search(two_orgs.a, vector, bits, 20, None)):
         assert {h.item.id for h in hits} == a_items
         assert {h.embedding.org_id for h in hits} == {h.item.org_id for h in hits} == {two_orgs.a}
         assert hits[0].distance == pytest.approx(0.0, abs=1e-6)
+    # B's twin of the query row has the same bits and distance: only A's may come first.
+    (nearest,) = knowledge._quantized_search(two_orgs.a, vector, bits, 1, None)
+    assert nearest.embedding.org_id == two_orgs.a
+    assert nearest.distance == pytest.approx(0.0, abs=1e-6)
     # The approximate path may come back short (the fallback covers that), never with B's.
     for approximate in (knowledge._hnsw_search, knowledge._iterative_hnsw_search):
         hnsw = approximate(two_orgs.a, vector, 20, None)
@@ -236,7 +255,7 @@ def test_small_org_is_scanned_exactly(corpus: Corpus, tenant_db: TenantDatabase,
                                       sql_log: StatementLog) -> None:
     org = corpus.orgs["small"]
     assert recall(corpus, "small", lambda q: search_knowledge(org, q)) == 1.0
-    assert not any("hnsw.ef_search" in s for s in sql_log.statements)
+    assert not any("hnsw.ef_search" in s or "vector_bits" in s for s in sql_log.statements)
 
 
 def test_exact_path_has_full_recall_on_a_large_org(corpus: Corpus,
@@ -383,9 +402,13 @@ def test_iterative_scan_stopped_by_its_bound_falls_back_to_exact(
 def test_threshold_is_injectable(corpus: Corpus, tenant_db: TenantDatabase,
                                  monkeypatch: pytest.MonkeyPatch,
                                  sql_log: StatementLog) -> None:
+    monkeypatch.setattr(knowledge, "QUANTIZED_MIN_CANDIDATES", 10**9)
+    assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
+    assert not any("hnsw." in s or "vector_bits" in s for s in sql_log.statements)
+    monkeypatch.setattr(knowledge, "_has_quantized_vectors", lambda: False)
     monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 10**9)
     assert len(search_knowledge(corpus.orgs["large"], corpus.queries[0])) == 10
-    assert not any("hnsw." in s for s in sql_log.statements)
+    assert not any("hnsw." in s or "vector_bits" in s for s in sql_log.statements)
 
 
 def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
@@ -393,6 +416,15 @@ def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
     assert knowledge.exact_scan_rows(100_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 4743)
     assert knowledge.exact_scan_rows(400_000) == max(knowledge.EXACT_SCAN_MIN_ROWS, 9486)
     assert knowledge.exact_scan_rows(4_000_000) == 30000
+
+
+def test_quantized_scan_bound_grows_with_the_square_root_of_the_table() -> None:
+    assert knowledge.quantized_scan_rows(-1) == knowledge.EXACT_SCAN_MIN_ROWS
+    assert knowledge.quantized_scan_rows(100_000) == 7905
+    assert knowledge.quantized_scan_rows(400_000) == 15811
+    # Never below the bound without V01_09: the bits send no org to HNSW that was not.
+    for table in (0, 3_000, 100_000, 10**7):
+        assert knowledge.quantized_scan_rows(table) >= knowledge.exact_scan_rows(table)
 
 
 def test_ef_search_grows_with_the_square_root_of_the_table() -> None:
@@ -407,7 +439,7 @@ def test_iterative_search_sends_the_ef_search_of_the_tables_size(
         sql_log: StatementLog) -> None:
     force(monkeypatch, "iterative")
     # The size the search goes by: reltuples, or on Citus the shards' sum (as last cached).
-    table = knowledge._org_size(corpus.orgs["large"], None, iterative=True).table
+    table = knowledge._org_size(corpus.orgs["large"], None, rule="iterative").table
     assert table > 0
     per_sqrt = 150.5 / math.sqrt(table)
     monkeypatch.setattr(knowledge, "ITERATIVE_EF_SEARCH", 10)
@@ -436,7 +468,7 @@ def test_a_stale_size_costs_time_never_results(org_id: uuid.UUID,
     # The size says "large" (HNSW) but the org has 3 rows: still exactly 3 hits.
     force(monkeypatch, "iterative")
     add_chunks(org_id, 3)
-    key = (knowledge._server_key(), org_id, None, True)
+    key = (knowledge._server_key(), org_id, None, "iterative")
     knowledge._sizes[key] = (knowledge.time.monotonic(), knowledge._Size(None, 100.0))
     assert len(search_knowledge(org_id, unit(1), 10)) == 3
     # ... and "small" (exact) while it grew: exact is exact.
@@ -444,6 +476,21 @@ def test_a_stale_size_costs_time_never_results(org_id: uuid.UUID,
     add_chunks(org_id, 12, seed=50)  # add_knowledge forgets the size; set it stale again
     knowledge._sizes[key] = (knowledge.time.monotonic(), knowledge._Size(1, 100.0))
     assert len(search_knowledge(org_id, unit(1), 10)) == 10
+
+
+def test_a_stale_size_never_shortens_the_quantized_search(org_id: uuid.UUID,
+                                                          sql_log: StatementLog) -> None:
+    # The size says 5,000 rows (quantized) but the org has 3, then 15: every row is a
+    # candidate, and the hits are exactly min(k, rows).
+    add_chunks(org_id, 3)
+    key = (knowledge._server_key(), org_id, None, "quantized")
+    for stored in (3, 15):
+        knowledge._sizes[key] = (knowledge.time.monotonic(), knowledge._Size(5000, 100.0))
+        hits = search_knowledge(org_id, unit(1), 10)
+        assert len(hits) == min(10, stored)
+        assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+        add_chunks(org_id, 12, seed=50)
+    assert sum("vector_bits" in s for s in sql_log.statements) == 2
 
 
 @pytest.mark.parametrize("name", ["large", "mid", "small"])
@@ -514,6 +561,185 @@ def test_iterative_search_sends_its_ef_search_and_bound(
             in ran[0])
 
 
+# -- the quantized search (V01_09) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [
+    unit(11), unit(12),
+    [0.0, -0.0, 1e-45, -1e-45, 1e-50, 0.5, -0.5] + [0.01] * (DIM - 7),
+    [(-1.0) ** i * (i + 1) for i in range(DIM)],
+])
+def test_query_bits_are_the_servers_binary_quantize(tenant_db: TenantDatabase,
+                                                    values: list[float]) -> None:
+    # The search compares the query's bits, made here, with the stored ones, made by the
+    # server: the two must agree bit for bit, zeros, negative zeros and float32's
+    # smallest values included (1e-50 is 0 in float32: a 0 bit; 1e-45 is not: a 1).
+    vector, bits = knowledge._query_literals(values, "q")
+    server = database.execute_sql("SELECT binary_quantize(%s::vector)::text",
+                                  (vector,)).fetchone()[0]
+    assert len(server) == DIM
+    assert f"{int(bits[1:], 16):0{DIM}b}" == server
+
+
+def test_stored_bits_follow_the_vector_whoever_writes_it(org_id: uuid.UUID) -> None:
+    add_chunks(org_id, 3)
+    same = ("SELECT count(*) FILTER (WHERE vector_bits = binary_quantize(vector)::bit(1536)), "
+            "count(*) FROM embedding WHERE org_id = %s")
+    assert execute_scoped(org_id, same, (org_id,)).fetchone() == (3, 3)
+    flipped = [-x for x in unit(0)]
+    execute_scoped(org_id, "UPDATE embedding SET vector = %s::vector WHERE org_id = %s",
+                   (knowledge._vector_literal(flipped, "v"), org_id))
+    assert execute_scoped(org_id, same, (org_id,)).fetchone() == (3, 3)
+    with pytest.raises(peewee.ProgrammingError, match="generated column"):
+        execute_scoped(org_id, "UPDATE embedding SET vector_bits = NULL WHERE org_id = %s",
+                       (org_id,))
+
+
+def test_mid_sized_org_is_ranked_through_its_quantized_bits(
+        corpus: Corpus, tenant_db: TenantDatabase, sql_log: StatementLog) -> None:
+    assert knowledge._has_quantized_vectors()  # V01_09 ran: pgvector >= 0.7
+    org = corpus.orgs["large"]  # 1,500 rows: more than the 200 candidates, at most 2,000
+    found = recalls(corpus, "large", lambda q: search_knowledge(org, q))
+    assert min(found) >= 0.9 and float(np.mean(found)) >= 0.95, found
+    ran = [s for s in sql_log.statements if "ORDER BY" in s]
+    assert len(ran) == QUERIES and all("vector_bits <~>" in s for s in ran)
+    assert not any("hnsw." in s for s in sql_log.statements)
+
+
+@pytest.mark.parametrize(("name", "candidates"), [("large", 50), ("mid", 150), ("small", 50)])
+def test_quantized_recall_with_fewer_candidates(corpus: Corpus, tenant_db: TenantDatabase,
+                                                monkeypatch: pytest.MonkeyPatch, name: str,
+                                                candidates: int) -> None:
+    # Fewer candidates than the default 200, on orgs of 1,500, 180 and 60 rows: the bits
+    # must put the ten nearest among them. How many it takes depends on the data: here the
+    # rows of a cluster are nearly equidistant from a query, and the 180-row org's ten
+    # nearest need 150 candidates (120 left a query at 0.8, numpy brute force), while 50
+    # serve the 1,500-row org (30 left one at 0.6).
+    monkeypatch.setattr(knowledge, "QUANTIZED_MIN_CANDIDATES", candidates)
+    monkeypatch.setattr(knowledge, "QUANTIZED_CANDIDATES_PER_K", 0)
+    org = corpus.orgs[name]
+    found = recalls(corpus, name, lambda q: search_knowledge(org, q))
+    assert min(found) >= 0.9 and float(np.mean(found)) >= 0.95, found
+
+
+def test_quantized_search_ranks_the_org_from_its_index_and_fetches_only_the_candidates(
+        corpus: Corpus, tenant_db: TenantDatabase) -> None:
+    org = corpus.orgs["large"]
+    vector, bits = knowledge._query_literals(corpus.queries[0], "q")
+    plan = _plan(org, "EXPLAIN (ANALYZE, COSTS OFF) " + knowledge.QUANTIZED_SQL,
+                 (bits, org, 200, bits, vector, org, 10))
+    assert "Index Only Scan using embedding_org_item_bits_idx" in plan, plan
+    assert "Heap Fetches: 0" in plan, plan  # the 1,500 rows' bits, from the index alone
+    # The re-ranking reads the 200 candidates through the primary key, nothing else.
+    assert re.search(r"Index Scan using embedding_pkey\S* on embedding\S* e\b", plan), plan
+    assert "actual time" in plan and "rows=200" in plan, plan
+    assert "Seq Scan" not in plan and "embedding_vector_hnsw_idx" not in plan, plan
+
+
+def test_quantized_destination_search_reads_the_destinations_bits_only(
+        org_id: uuid.UUID, tenant_db: TenantDatabase) -> None:
+    lisbon = Destination.create(org_id=org_id, name="Lisbon")
+    add_chunks(org_id, 30, destination=lisbon.id, seed=0)
+    add_chunks(org_id, 30, seed=100)
+    vector, bits = knowledge._query_literals(unit(5), "q")
+    if not database.on_citus():  # there the rows written in this transaction are local
+        plan = _plan(org_id, "EXPLAIN (ANALYZE, COSTS OFF) "
+                     + knowledge.QUANTIZED_DESTINATION_SQL,
+                     (bits, org_id, org_id, lisbon.id, 10, bits, vector, org_id, 10))
+        assert "embedding_org_item_bits_idx" in plan, plan
+        assert "knowledge_item_id = ANY" in plan, plan
+    hits = knowledge._quantized_search(org_id, vector, bits, 10, lisbon.id)
+    assert len(hits) == 10 and {h.item.destination_id for h in hits} == {lisbon.id}
+    assert hits[0].distance == pytest.approx(0.0, abs=1e-6)  # unit(5) is the 6th chunk
+
+
+def test_bits_that_rank_random_vectors_badly_hand_over_to_the_exact_scan(
+        org_id: uuid.UUID, tenant_db: TenantDatabase, monkeypatch: pytest.MonkeyPatch,
+        sql_log: StatementLog) -> None:
+    # 1,000 random gaussian vectors: no structure for the bits to follow, and 200
+    # candidates miss some of the ten nearest. The margin check sees it and the exact scan
+    # answers; the control, without the check, loses recall on the same queries.
+    rng = np.random.default_rng(21)
+    vectors = rng.standard_normal((1000, DIM))
+    add_knowledge(org_id, "random", "random", chunks=[f"c{i}" for i in range(1000)],
+                  embedder=FixedEmbedder(vectors.tolist()))
+    queries = rng.standard_normal((12, DIM))
+    units = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def recall_of(search: Any) -> list[float]:
+        found = []
+        for q in queries:
+            best = set(np.argsort(-(units @ (q / np.linalg.norm(q))))[:10].tolist())
+            got = {int(h.embedding.content[1:]) for h in search(q)}
+            found.append(len(best & got) / 10)
+        return found
+
+    assert recall_of(lambda q: search_knowledge(org_id, q)) == [1.0] * 12
+    quantized = [s for s in sql_log.statements if "vector_bits <~>" in s]
+    assert len(quantized) == 12  # the bits were tried for every query, then set aside
+    monkeypatch.setattr(knowledge, "QUANTIZED_MIN_MARGIN", -math.inf)
+    control = recall_of(lambda q: search_knowledge(org_id, q))
+    assert float(np.mean(control)) < 0.95 or min(control) < 0.9, control
+
+
+def _quantized_row(hamming: int, cutoff: int, candidates: int) -> tuple[Any, ...]:
+    return (None,) * 16 + (hamming, cutoff, candidates)
+
+
+def test_confidence_needs_the_cutoff_well_beyond_the_worst_hit() -> None:
+    # 400 of 1,536 bits differ for the worst hit: one standard deviation is
+    # sqrt(1536 * p * (1 - p)) = 17.2 bits, and the margin must be 1.5 of them (25.8).
+    assert knowledge._confident([_quantized_row(400, 426, 200)], 200)
+    assert not knowledge._confident([_quantized_row(400, 425, 200)], 200)
+    # The worst hit decides, whichever it is.
+    assert not knowledge._confident([_quantized_row(100, 426, 200),
+                                     _quantized_row(401, 426, 200)], 200)
+    # Fewer candidates than asked for: every row was re-ranked, the result is exact.
+    assert knowledge._confident([_quantized_row(400, 400, 150)], 200)
+    assert knowledge._confident([], 200)
+    # Identical bits (distance 0) still need a margin.
+    assert knowledge._confident([_quantized_row(0, 10, 200)], 200)
+    assert not knowledge._confident([_quantized_row(0, 1, 200)], 200)
+
+
+QUANTIZED_SQL_PARTS = ("SELECT (to_regprocedure('binary_quantize(vector)') IS NOT NULL), "
+                       "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'embedding'::regclass "
+                       "AND attname = 'vector_bits' AND NOT attisdropped), "
+                       "to_regclass('embedding_org_item_bits_idx') IS NOT NULL")
+
+
+def test_v01_09_is_rerunnable_undoable_and_skipped_without_binary_quantize(
+        tenantdb_database: TestDatabase) -> None:
+    script = (migrate.MIGRATIONS_DIR / "V01_09__binary_quantized_vectors.sql").read_text()
+    undo = (migrate.UNDO_DIR / "V01_09__binary_quantized_vectors.sql").read_text()
+    conn = psycopg2.connect(tenantdb_database.url)
+    try:
+        with conn.cursor() as cur:  # one transaction, rolled back: the shared schema stays
+            cur.execute(QUANTIZED_SQL_PARTS)
+            assert cur.fetchone() == (True, True, True)
+            cur.execute("SELECT 'embedding_org_item_bits_idx'::regclass::oid")
+            index = cur.fetchone()[0]
+            cur.execute(script)  # again: nothing to do
+            cur.execute("SELECT 'embedding_org_item_bits_idx'::regclass::oid")
+            assert cur.fetchone()[0] == index
+            cur.execute(undo)
+            cur.execute(QUANTIZED_SQL_PARTS)
+            assert cur.fetchone() == (True, False, False)
+            cur.execute(undo)  # undone twice: still fine
+            # A pgvector older than 0.7 has no binary_quantize: the migration does nothing.
+            cur.execute("ALTER FUNCTION binary_quantize(vector) RENAME TO binary_quantize_away")
+            cur.execute(script)
+            cur.execute(QUANTIZED_SQL_PARTS)
+            assert cur.fetchone() == (False, False, False)
+            cur.execute("ALTER FUNCTION binary_quantize_away(vector) RENAME TO binary_quantize")
+            cur.execute(script)
+            cur.execute(QUANTIZED_SQL_PARTS)
+            assert cur.fetchone() == (True, True, True)
+    finally:
+        conn.rollback()
+        conn.close()
+
+
 HNSW_OPTIONS_SQL = ("SELECT oid, reloptions FROM pg_class "
                     "WHERE oid = to_regclass('embedding_vector_hnsw_idx')")
 
@@ -581,6 +807,9 @@ def test_destination_filter_keeps_only_its_items(org_id: uuid.UUID, strategy: st
         assert {h.item.destination_id for h in hits} == {lisbon.id}
     hnsw = knowledge._hnsw_search(org_id, vector, 10, lisbon.id)
     assert {h.item.id for h in hnsw} <= in_lisbon
+    bits = knowledge._query_literals(unit(150), "q")[1]
+    quantized = knowledge._quantized_search(org_id, vector, bits, 10, lisbon.id)
+    assert {h.item.id for h in quantized} == in_lisbon
     iterative = knowledge._iterative_hnsw_search(org_id, vector, 10, lisbon.id)
     assert {h.item.id for h in iterative} == in_lisbon
     assert len(search_knowledge(org_id, unit(150), 10, destination_id=porto.id)) == 10
