@@ -13,9 +13,16 @@ from the number of rows it has to rank (the org's, or the org's rows of one dest
 the table's size (``pg_class.reltuples``) and the server's pgvector:
 
 - few rows (at most :data:`EXACT_SCAN_FRACTION` of the table on pgvector < 0.8;
-  :func:`exact_scan_rows` on pgvector >= 0.8): an exact scan of those rows through the
+  :func:`exact_scan_rows` on pgvector >= 0.8, or :func:`quantized_candidates` where
+  migration V01_09 added the quantized bits): an exact scan of those rows through the
   ``(org_id, id)`` primary key, ranked by a top-k sort (``+ 0`` on the distance keeps the
   planner off the HNSW index). Exact, and cheap because the rows are few;
+- more, up to :func:`quantized_scan_rows`, on pgvector >= 0.8 with V01_09: the rows ranked
+  by the Hamming distance of their binary-quantized vectors (``vector_bits``, read from a
+  covering index without touching the 8 KB heap pages), the nearest
+  :func:`quantized_candidates` re-ranked by their exact distance. Where the candidates'
+  cutoff lies too near the worst hit (:data:`QUANTIZED_MIN_MARGIN`), as on vectors without
+  structure, the exact scan answers instead;
 - more, on pgvector >= 0.8: the HNSW index with ``hnsw.iterative_scan`` (relaxed order,
   :data:`ITERATIVE_FETCH` candidates re-ranked exactly), ``hnsw.ef_search`` growing with
   the table (:func:`iterative_ef_search`) and the scan bounded by ``hnsw.max_scan_tuples``
@@ -140,16 +147,16 @@ ITERATIVE_FETCH = 10
 ITERATIVE_MAX_SCAN_TUPLES = 40_000
 # pgvector >= 0.8 with migration V01_09's binary-quantized vectors (vector_bits), measured
 # on the same data set: an org's rows ranked by the Hamming distance of their bits, read
-# from a covering index (about 0.3 us a row), and the nearest candidates re-ranked by
+# from a covering index (0.4-0.7 us a row), and the nearest candidates re-ranked by
 # their exact distance (about 7 us each, one 8 KB heap page apiece).
 #: pgvector >= 0.8 with V01_09: orgs of up to max(EXACT_SCAN_MIN_ROWS, this *
 #: sqrt(table rows)) are ranked through their quantized bits, larger ones through the HNSW
 #: index (quantized_scan_rows()): 7,905 rows at 100k, 15,811 at 400k. The quantized
 #: search costs about 3.5 ms plus 0.6 us per row of the org, the iterative HNSW scan about
 #: the same whatever the org but more as the table grows. On 100k rows (40 queries an
-#: org, tenantdb's whole call) the quantized search took 6.5-7.0 ms from 2,000 to 6,000
-#: rows and 10.7 at 10,000, the HNSW scan 8.2-10.5 from 10,000 up; at 400k the HNSW scan
-#: took 11.5-13.4 ms (README "Knowledge search").
+#: org, tenantdb's whole call) one run had the quantized search at 6.5-7.0 ms from 2,000
+#: to 6,000 rows and 10.7 at 10,000, the HNSW scan at 8.2-10.5 from 10,000 up; at 400k
+#: the HNSW scan took 11.5-13.4 ms (README "Knowledge search").
 QUANTIZED_ROWS_PER_SQRT = 25.0
 #: pgvector >= 0.8 with V01_09: candidates re-ranked exactly, at least this many ...
 QUANTIZED_MIN_CANDIDATES = 200

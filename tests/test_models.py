@@ -28,9 +28,16 @@ PG_TYPES: dict[type[peewee.Field], str] = {
     VectorField: "vector",
 }
 
+# Columns the server computes (GENERATED ALWAYS ... STORED) have no model field: nobody
+# writes them, and selecting them with every row would fetch them for nothing.
 COLUMNS_SQL = """
     SELECT column_name, udt_name, is_nullable = 'YES'
     FROM information_schema.columns WHERE table_schema = 'public' AND table_name = %s
+      AND is_generated = 'NEVER'
+"""
+GENERATED_SQL = """
+    SELECT table_name, column_name FROM information_schema.columns
+    WHERE table_schema = 'public' AND is_generated <> 'NEVER'
 """
 PRIMARY_KEY_SQL = """
     SELECT a.attname FROM pg_index i
@@ -70,6 +77,11 @@ def test_model_matches_migrated_table(tenant_db: TenantDatabase, model: type[Bas
     pk = model._meta.primary_key
     pk_model = set(pk.field_names) if isinstance(pk, peewee.CompositeKey) else {pk.column_name}
     assert pk_model == pk_db
+
+
+def test_the_only_generated_column_is_the_quantized_vector(tenant_db: TenantDatabase) -> None:
+    # V01_09's vector_bits (knowledge search); any other would escape the comparison above.
+    assert rows(tenant_db, GENERATED_SQL) == [("embedding", "vector_bits")]
 
 
 @pytest.mark.parametrize("bad", [None, "", 0, "not-a-uuid", 42, b"bytes"])
