@@ -11,6 +11,7 @@ brute force.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
@@ -708,36 +709,45 @@ QUANTIZED_SQL_PARTS = ("SELECT (to_regprocedure('binary_quantize(vector)') IS NO
                        "to_regclass('embedding_org_item_bits_idx') IS NOT NULL")
 
 
-def test_v01_09_is_rerunnable_undoable_and_skipped_without_binary_quantize(
-        tenantdb_database: TestDatabase) -> None:
-    script = (migrate.MIGRATIONS_DIR / "V01_09__binary_quantized_vectors.sql").read_text()
-    undo = (migrate.UNDO_DIR / "V01_09__binary_quantized_vectors.sql").read_text()
-    conn = psycopg2.connect(tenantdb_database.url)
+@contextlib.contextmanager
+def migration_rolled_back(url: str, name: str) -> Iterator[tuple[Any, str, str]]:
+    """A cursor in one transaction, rolled back afterwards (the shared schema stays), with
+    migration ``name``'s script and its undo."""
+    script = (migrate.MIGRATIONS_DIR / name).read_text()
+    undo = (migrate.UNDO_DIR / name).read_text()
+    conn = psycopg2.connect(url)
     try:
-        with conn.cursor() as cur:  # one transaction, rolled back: the shared schema stays
-            cur.execute(QUANTIZED_SQL_PARTS)
-            assert cur.fetchone() == (True, True, True)
-            cur.execute("SELECT 'embedding_org_item_bits_idx'::regclass::oid")
-            index = cur.fetchone()[0]
-            cur.execute(script)  # again: nothing to do
-            cur.execute("SELECT 'embedding_org_item_bits_idx'::regclass::oid")
-            assert cur.fetchone()[0] == index
-            cur.execute(undo)
-            cur.execute(QUANTIZED_SQL_PARTS)
-            assert cur.fetchone() == (True, False, False)
-            cur.execute(undo)  # undone twice: still fine
-            # A pgvector older than 0.7 has no binary_quantize: the migration does nothing.
-            cur.execute("ALTER FUNCTION binary_quantize(vector) RENAME TO binary_quantize_away")
-            cur.execute(script)
-            cur.execute(QUANTIZED_SQL_PARTS)
-            assert cur.fetchone() == (False, False, False)
-            cur.execute("ALTER FUNCTION binary_quantize_away(vector) RENAME TO binary_quantize")
-            cur.execute(script)
-            cur.execute(QUANTIZED_SQL_PARTS)
-            assert cur.fetchone() == (True, True, True)
+        with conn.cursor() as cur:
+            yield cur, script, undo
     finally:
         conn.rollback()
         conn.close()
+
+
+def test_v01_09_is_rerunnable_undoable_and_skipped_without_binary_quantize(
+        tenantdb_database: TestDatabase) -> None:
+    with migration_rolled_back(tenantdb_database.url,
+                               "V01_09__binary_quantized_vectors.sql") as (cur, script, undo):
+        cur.execute(QUANTIZED_SQL_PARTS)
+        assert cur.fetchone() == (True, True, True)
+        cur.execute("SELECT 'embedding_org_item_bits_idx'::regclass::oid")
+        index = cur.fetchone()[0]
+        cur.execute(script)  # again: nothing to do
+        cur.execute("SELECT 'embedding_org_item_bits_idx'::regclass::oid")
+        assert cur.fetchone()[0] == index
+        cur.execute(undo)
+        cur.execute(QUANTIZED_SQL_PARTS)
+        assert cur.fetchone() == (True, False, False)
+        cur.execute(undo)  # undone twice: still fine
+        # A pgvector older than 0.7 has no binary_quantize: the migration does nothing.
+        cur.execute("ALTER FUNCTION binary_quantize(vector) RENAME TO binary_quantize_away")
+        cur.execute(script)
+        cur.execute(QUANTIZED_SQL_PARTS)
+        assert cur.fetchone() == (False, False, False)
+        cur.execute("ALTER FUNCTION binary_quantize_away(vector) RENAME TO binary_quantize")
+        cur.execute(script)
+        cur.execute(QUANTIZED_SQL_PARTS)
+        assert cur.fetchone() == (True, True, True)
 
 
 HNSW_OPTIONS_SQL = ("SELECT oid, reloptions FROM pg_class "
@@ -752,27 +762,21 @@ def test_hnsw_index_has_the_denser_graph_of_v01_08(tenant_db: TenantDatabase) ->
 
 def test_v01_08_rebuilds_only_an_index_without_its_options(
         tenantdb_database: TestDatabase) -> None:
-    script = (migrate.MIGRATIONS_DIR / "V01_08__hnsw_graph_quality.sql").read_text()
-    undo = (migrate.UNDO_DIR / "V01_08__hnsw_graph_quality.sql").read_text()
-    conn = psycopg2.connect(tenantdb_database.url)
-    try:
-        with conn.cursor() as cur:  # one transaction, rolled back: the shared schema stays
-            cur.execute(HNSW_OPTIONS_SQL)
-            migrated = cur.fetchone()
-            cur.execute(script)  # again: nothing to do
-            cur.execute(HNSW_OPTIONS_SQL)
-            assert cur.fetchone() == migrated
-            cur.execute(undo)  # V01_03's index: pgvector's defaults
-            cur.execute(HNSW_OPTIONS_SQL)
-            oid, options = cur.fetchone()
-            assert oid != migrated[0] and options is None
-            cur.execute(script)
-            cur.execute(HNSW_OPTIONS_SQL)
-            oid, options = cur.fetchone()
-            assert oid != migrated[0] and {"m=24", "ef_construction=128"} <= set(options)
-    finally:
-        conn.rollback()
-        conn.close()
+    with migration_rolled_back(tenantdb_database.url,
+                               "V01_08__hnsw_graph_quality.sql") as (cur, script, undo):
+        cur.execute(HNSW_OPTIONS_SQL)
+        migrated = cur.fetchone()
+        cur.execute(script)  # again: nothing to do
+        cur.execute(HNSW_OPTIONS_SQL)
+        assert cur.fetchone() == migrated
+        cur.execute(undo)  # V01_03's index: pgvector's defaults
+        cur.execute(HNSW_OPTIONS_SQL)
+        oid, options = cur.fetchone()
+        assert oid != migrated[0] and options is None
+        cur.execute(script)
+        cur.execute(HNSW_OPTIONS_SQL)
+        oid, options = cur.fetchone()
+        assert oid != migrated[0] and {"m=24", "ef_construction=128"} <= set(options)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
