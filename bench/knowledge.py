@@ -9,8 +9,8 @@ maintenance_work_mem raised and a parallel worker), and for every org size each 
 answers the same queries:
 
 - tenantdb: ``search_knowledge(org, q, 10)`` as the application role (row-level security
-  on), strategy choice included: on pgvector >= 0.8 an exact scan for small orgs, an
-  iterative HNSW scan above;
+  on), strategy choice included: on pgvector >= 0.8 an exact scan for small orgs, then
+  (migration V01_09) the quantized bits re-ranked exactly, an iterative HNSW scan above;
 - 0.6 rule: the rule tenantdb applies on pgvector < 0.8 (exact up to 5 % of the table,
   else HNSW with ef_search 400 and the exact fallback), on the same server;
 - naive HNSW: ``WHERE org_id = ... ORDER BY vector <=> q LIMIT 10`` with the server's
@@ -235,7 +235,8 @@ def measure(url: str, data: DataSet) -> list[Cell]:
     position = {row_id: i for i, row_id in enumerate(data.row_ids)}
     cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
     print(f"pgvector {cur.fetchone()[0]}; tenantdb uses the iterative scan: "
-          f"{knowledge._has_iterative_scan()}", flush=True)
+          f"{knowledge._has_iterative_scan()}, the quantized bits: "
+          f"{knowledge._has_quantized_vectors()}", flush=True)
 
     def naive(org: uuid.UUID, q: np.ndarray) -> list[uuid.UUID]:
         cur.execute(NAIVE_SQL, (str(org), _literal(q), K))

@@ -89,6 +89,7 @@ __all__ = [
     "QUANTIZED_MIN_CANDIDATES",
     "QUANTIZED_MIN_MARGIN",
     "QUANTIZED_ROWS_PER_SQRT",
+    "QUANTIZED_SCAN_MIN_ROWS",
     "SIZE_CACHE_SECONDS",
     "KnowledgeHit",
     "add_knowledge",
@@ -149,15 +150,20 @@ ITERATIVE_MAX_SCAN_TUPLES = 40_000
 # on the same data set: an org's rows ranked by the Hamming distance of their bits, read
 # from a covering index (0.4-0.7 us a row), and the nearest candidates re-ranked by
 # their exact distance (about 7 us each, one 8 KB heap page apiece).
-#: pgvector >= 0.8 with V01_09: orgs of up to max(EXACT_SCAN_MIN_ROWS, this *
+#: pgvector >= 0.8 with V01_09: orgs of up to max(QUANTIZED_SCAN_MIN_ROWS, this *
 #: sqrt(table rows)) are ranked through their quantized bits, larger ones through the HNSW
-#: index (quantized_scan_rows()): 7,905 rows at 100k, 15,811 at 400k. The quantized
+#: index (quantized_scan_rows()): 8,000 rows at 100k, 15,811 at 400k. The quantized
 #: search costs about 3.5 ms plus 0.6 us per row of the org, the iterative HNSW scan about
 #: the same whatever the org but more as the table grows. On 100k rows (40 queries an
 #: org, tenantdb's whole call) one run had the quantized search at 6.5-7.0 ms from 2,000
 #: to 6,000 rows and 10.7 at 10,000, the HNSW scan at 8.2-10.5 from 10,000 up; at 400k
 #: the HNSW scan took 11.5-13.4 ms (README "Knowledge search").
 QUANTIZED_ROWS_PER_SQRT = 25.0
+#: pgvector >= 0.8 with V01_09: ... and always up to this many (about 8 ms by the cost
+#: above). On 20k rows the HNSW scan took 13 ms for orgs of 5,000 and 10,000 rows, and the
+#: quantized search 6-8 ms for such orgs at 100k: a small table is no cheaper to search
+#: through the index for an org's rows.
+QUANTIZED_SCAN_MIN_ROWS = 8000
 #: pgvector >= 0.8 with V01_09: candidates re-ranked exactly, at least this many ...
 QUANTIZED_MIN_CANDIDATES = 200
 #: ... and this many per hit asked for (quantized_candidates()). On 100k rows, 100
@@ -472,7 +478,7 @@ def quantized_scan_rows(table_rows: float) -> int:
 
     :param table_rows: the embedding table's row count (``pg_class.reltuples``).
     """
-    return _threshold(table_rows, EXACT_SCAN_MIN_ROWS, 0.0, QUANTIZED_ROWS_PER_SQRT)
+    return _threshold(table_rows, QUANTIZED_SCAN_MIN_ROWS, 0.0, QUANTIZED_ROWS_PER_SQRT)
 
 
 def exact_scan_rows(table_rows: float) -> int:
@@ -654,7 +660,8 @@ def _org_size(org: uuid.UUID, destination: uuid.UUID | None, *, rule: _Rule) -> 
     :func:`exact_scan_rows` (pgvector >= 0.8 without V01_09); "legacy" at
     :data:`EXACT_SCAN_FRACTION` of the table (pgvector < 0.8). Under the last two, a table
     never analysed (``reltuples`` -1) gets ``-1``: every org is then scanned exactly; the
-    first keeps the count (orgs of up to EXACT_SCAN_MIN_ROWS are then ranked without HNSW).
+    first keeps the count (orgs of up to QUANTIZED_SCAN_MIN_ROWS are then ranked without
+    HNSW).
     """
     key: _SizeKey = (_server_key(), org, destination, rule)
     now = time.monotonic()
@@ -662,7 +669,7 @@ def _org_size(org: uuid.UUID, destination: uuid.UUID | None, *, rule: _Rule) -> 
         cached = _sizes.get(key)
     if cached is not None and now - cached[0] < SIZE_CACHE_SECONDS:
         return cached[1]
-    bounds = {"quantized": (EXACT_SCAN_MIN_ROWS, 0.0, QUANTIZED_ROWS_PER_SQRT),
+    bounds = {"quantized": (QUANTIZED_SCAN_MIN_ROWS, 0.0, QUANTIZED_ROWS_PER_SQRT),
               "iterative": (EXACT_SCAN_MIN_ROWS, 0.0, EXACT_SCAN_ROWS_PER_SQRT),
               "legacy": (0, EXACT_SCAN_FRACTION, 0.0)}[rule]
     counted, table = _count_org_rows(org, destination, bounds)

@@ -63,7 +63,7 @@ def force(monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
     elif strategy == "quantized":  # every org with more than k rows
         monkeypatch.setattr(knowledge, "QUANTIZED_MIN_CANDIDATES", 0)
         monkeypatch.setattr(knowledge, "QUANTIZED_CANDIDATES_PER_K", 1)
-        monkeypatch.setattr(knowledge, "QUANTIZED_ROWS_PER_SQRT", 10.0**9)
+        monkeypatch.setattr(knowledge, "QUANTIZED_SCAN_MIN_ROWS", 10**9)
     elif strategy == "iterative":  # pgvector 0.8's rule without V01_09, bounds lowered
         monkeypatch.setattr(knowledge, "_has_quantized_vectors", lambda: False)
         monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 0)
@@ -216,7 +216,7 @@ def test_search_of_an_org_without_embeddings_is_empty(org_id: uuid.UUID) -> None
 def test_large_org_gets_exactly_k_hits_through_hnsw(corpus: Corpus, tenant_db: TenantDatabase,
                                                      sql_log: StatementLog,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(knowledge, "EXACT_SCAN_MIN_ROWS", 179)  # 180, 1,500 rows: HNSW
+    monkeypatch.setattr(knowledge, "QUANTIZED_SCAN_MIN_ROWS", 179)  # 180, 1,500 rows: HNSW
     monkeypatch.setattr(knowledge, "QUANTIZED_ROWS_PER_SQRT", 0.0)
     for name in ("large", "mid"):
         for q in corpus.queries[:4]:
@@ -420,8 +420,8 @@ def test_exact_scan_threshold_grows_with_the_square_root_of_the_table() -> None:
 
 
 def test_quantized_scan_bound_grows_with_the_square_root_of_the_table() -> None:
-    assert knowledge.quantized_scan_rows(-1) == knowledge.EXACT_SCAN_MIN_ROWS
-    assert knowledge.quantized_scan_rows(100_000) == 7905
+    assert knowledge.quantized_scan_rows(-1) == knowledge.QUANTIZED_SCAN_MIN_ROWS == 8000
+    assert knowledge.quantized_scan_rows(100_000) == 8000  # 25 x sqrt: 7,905
     assert knowledge.quantized_scan_rows(400_000) == 15811
     # Never below the bound without V01_09: the bits send no org to HNSW that was not.
     for table in (0, 3_000, 100_000, 10**7):
@@ -599,7 +599,7 @@ def test_stored_bits_follow_the_vector_whoever_writes_it(org_id: uuid.UUID) -> N
 def test_mid_sized_org_is_ranked_through_its_quantized_bits(
         corpus: Corpus, tenant_db: TenantDatabase, sql_log: StatementLog) -> None:
     assert knowledge._has_quantized_vectors()  # V01_09 ran: pgvector >= 0.7
-    org = corpus.orgs["large"]  # 1,500 rows: more than the 200 candidates, at most 2,000
+    org = corpus.orgs["large"]  # 1,500 rows: more than the 200 candidates, at most 8,000
     found = recalls(corpus, "large", lambda q: search_knowledge(org, q))
     assert min(found) >= 0.9 and float(np.mean(found)) >= 0.95, found
     ran = [s for s in sql_log.statements if "ORDER BY" in s]
