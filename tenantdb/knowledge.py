@@ -122,8 +122,8 @@ MAX_K = HNSW_EF_SEARCH_MAX
 #: 400k (an 8,000-row org took 1.5x its exact scan through the index, a 20,000-row one
 #: 0.31x); 15 puts the switch at 4,743 and 9,486 rows (README "Knowledge search").
 EXACT_SCAN_ROWS_PER_SQRT = 15.0
-#: pgvector >= 0.8: orgs this small never go through the HNSW index: they are scanned
-#: exactly (about 4 ms), or with V01_09 through their quantized bits. Below it the
+#: pgvector >= 0.8 without V01_09: orgs this small are always scanned exactly (about
+#: 4 ms); with V01_09, QUANTIZED_SCAN_MIN_ROWS plays this part. Below it the
 #: filtered scan also loses recall where an org has few rows per neighbourhood: on 20k
 #: rows, orgs of 1,000-1,200 rows got recall 0.72-0.89 even at ef_search 400.
 EXACT_SCAN_MIN_ROWS = 2000
@@ -312,7 +312,7 @@ ITERATIVE_DESTINATION_SQL = (
 # the fetched rows would copy their 6 KB vectors (it doubled the statement's time).
 # Parameters: bits, org, candidates, bits, vector, org, k.
 _BITS = f"%s::bit({EMBEDDING_DIMENSIONS})"
-_BY_BITS = (
+_RERANK_CANDIDATES = (
     "ORDER BY hamming LIMIT %s) "
     f"SELECT {_HIT_COLUMNS}, h.vector_bits <~> {_BITS}, "
     "(SELECT max(hamming) FROM candidates), (SELECT count(*) FROM candidates) FROM ("
@@ -322,12 +322,12 @@ _BY_BITS = (
 )
 _CANDIDATES = ("WITH candidates AS MATERIALIZED (SELECT b.id, "
                f"b.vector_bits <~> {_BITS} AS hamming FROM embedding b ")
-QUANTIZED_SQL = f"{_CANDIDATES}WHERE b.org_id = %s {_BY_BITS}"
+QUANTIZED_SQL = f"{_CANDIDATES}WHERE b.org_id = %s {_RERANK_CANDIDATES}"
 # Within one destination: the bits of the destination's items only, found through the
 # index's second column. Parameters: bits, org, org, dest, candidates, bits, vector, org, k.
 QUANTIZED_DESTINATION_SQL = (
     f"{_CANDIDATES}WHERE b.org_id = %s AND b.knowledge_item_id = ANY (ARRAY(SELECT d.id "
-    f"FROM knowledge_item d WHERE d.org_id = %s AND d.destination_id = %s)) {_BY_BITS}"
+    f"FROM knowledge_item d WHERE d.org_id = %s AND d.destination_id = %s)) {_RERANK_CANDIDATES}"
 )
 # Inside a caller's transaction: back to the session's values for the rest of it.
 RESET_SETTINGS_SQL = ("SET LOCAL hnsw.ef_search TO DEFAULT; "
